@@ -1,0 +1,63 @@
+/**
+ * `tokenvault serve`: open the database, migrate, check the key ring against
+ * it, listen, and shut down gracefully on SIGTERM or SIGINT.
+ */
+import type { Config } from "../config.js";
+import { loadKeyRing } from "../crypto/key-source.js";
+import { migrate } from "../db/migrate.js";
+import { createPool } from "../db/pool.js";
+import { verifyKeyRing } from "../keys/verify.js";
+import type { Logger } from "../log.js";
+import { buildServer } from "../vault/server.js";
+import { openDatabase } from "./database.js";
+
+/** Runs the vault until a signal stops it; resolves when it has shut down. */
+export async function serve(config: Config, logger: Logger): Promise<void> {
+  const keys = loadKeyRing(config.keySource, config.production);
+  if (keys.development) {
+    logger.warn(
+      { keyFile: config.keySource.kind === "development" ? config.keySource.path : undefined, created: keys.created },
+      "DEVELOPMENT KEY RING: tokens are sealed with a key stored next to the data. Never use it in production (set TOKENVAULT_KEYS or TOKENVAULT_KEYS_FILE).",
+    );
+  }
+  const database = await openDatabase(config, logger);
+  const pool = createPool({ connectionString: database.url, max: config.dbPoolMax, logger });
+  try {
+    if (config.migrateOnStart) {
+      const applied = await migrate(database.url, { direction: "up", logger });
+      if (applied.length > 0) logger.info({ applied }, "migrations applied");
+    }
+    await verifyKeyRing(pool, keys.ring);
+  } catch (err) {
+    await pool.end();
+    await database.close();
+    throw err;
+  }
+
+  const server = buildServer({
+    deps: { pool, keyRing: keys.ring, now: () => new Date() },
+    logger,
+    maxMessageBytes: config.maxMessageBytes,
+    tls: config.tls,
+  });
+  const port = await server.listen(config.port, config.host);
+  logger.info(
+    { address: `${config.tls ? "https" : "http"}://${config.host}:${port}`, keyId: keys.ring.current.id, embeddedDatabase: database.embedded },
+    "tokenvault listening (gRPC, gRPC-Web and Connect)",
+  );
+
+  await new Promise<void>((resolve) => {
+    const stop = (signal: NodeJS.Signals) => {
+      process.off("SIGTERM", stop);
+      process.off("SIGINT", stop);
+      logger.info({ signal, graceMs: config.shutdownGraceMs }, "shutting down");
+      resolve();
+    };
+    process.on("SIGTERM", stop);
+    process.on("SIGINT", stop);
+  });
+  await server.close(config.shutdownGraceMs);
+  await pool.end();
+  await database.close();
+  logger.info("stopped");
+}

@@ -1,0 +1,141 @@
+/**
+ * Configuration: the only module that reads the environment. Every setting is
+ * documented in README.md and .env.example; loadConfig() turns the environment
+ * into one frozen, typed object or throws a ConfigError whose message is the one
+ * line an operator needs to fix it.
+ */
+import path from "node:path";
+
+/** A configuration problem; its message names the setting and what to do. */
+export class ConfigError extends Error {
+  override readonly name = "ConfigError";
+}
+
+/** Where the key ring comes from. */
+export type KeySource =
+  | { kind: "env"; value: string }
+  | { kind: "file"; path: string }
+  /** Not configured: a development key ring in the data folder (refused in production). */
+  | { kind: "development"; path: string };
+
+/** Log levels pino understands, quietest last. */
+export const logLevels = ["trace", "debug", "info", "warn", "error", "fatal", "silent"] as const;
+/** One of {@link logLevels}. */
+export type LogLevel = (typeof logLevels)[number];
+
+/** The service's settings, as loaded from the environment. */
+export interface Config {
+  readonly production: boolean;
+  /** PostgreSQL URL; undefined means: run an embedded PostgreSQL in dataDir. */
+  readonly databaseUrl: string | undefined;
+  /** Folder for the embedded database and the development key ring. */
+  readonly dataDir: string;
+  /** Port of the embedded PostgreSQL; 0 picks a free one at each start. */
+  readonly embeddedPostgresPort: number;
+  readonly host: string;
+  readonly port: number;
+  /** TLS certificate and key (PEM files); both or neither. */
+  readonly tls: { readonly certFile: string; readonly keyFile: string } | undefined;
+  readonly keySource: KeySource;
+  /** Run pending migrations when `serve` starts. */
+  readonly migrateOnStart: boolean;
+  readonly logLevel: LogLevel;
+  /** Largest request or response message, in bytes. */
+  readonly maxMessageBytes: number;
+  readonly dbPoolMax: number;
+  /** How long graceful shutdown waits for in-flight calls before cutting them. */
+  readonly shutdownGraceMs: number;
+}
+
+type Env = Readonly<Record<string, string | undefined>>;
+
+/**
+ * Reads the configuration from `env` (process.env by default).
+ * @throws ConfigError naming the first invalid setting.
+ */
+export function loadConfig(env: Env = process.env): Config {
+  const production = env.NODE_ENV === "production";
+  const dataDir = path.resolve(nonEmpty(env, "TOKENVAULT_DATA_DIR") ?? ".tokenvault");
+  const databaseUrl = nonEmpty(env, "DATABASE_URL");
+  if (databaseUrl !== undefined) {
+    let protocol: string;
+    try {
+      protocol = new URL(databaseUrl).protocol;
+    } catch {
+      throw new ConfigError("DATABASE_URL is not a URL: expected postgres://user:password@host:5432/database");
+    }
+    if (protocol !== "postgres:" && protocol !== "postgresql:") {
+      throw new ConfigError("DATABASE_URL must start with postgres:// or postgresql://");
+    }
+  } else if (production) {
+    throw new ConfigError(
+      "DATABASE_URL is required when NODE_ENV=production: the embedded PostgreSQL is for development only",
+    );
+  }
+
+  const certFile = nonEmpty(env, "TOKENVAULT_TLS_CERT_FILE");
+  const keyFile = nonEmpty(env, "TOKENVAULT_TLS_KEY_FILE");
+  if ((certFile === undefined) !== (keyFile === undefined)) {
+    throw new ConfigError("set both TOKENVAULT_TLS_CERT_FILE and TOKENVAULT_TLS_KEY_FILE, or neither");
+  }
+
+  const keysValue = nonEmpty(env, "TOKENVAULT_KEYS");
+  const keysFile = nonEmpty(env, "TOKENVAULT_KEYS_FILE");
+  if (keysValue !== undefined && keysFile !== undefined) {
+    throw new ConfigError("set TOKENVAULT_KEYS or TOKENVAULT_KEYS_FILE, not both");
+  }
+  let keySource: KeySource;
+  if (keysValue !== undefined) keySource = { kind: "env", value: keysValue };
+  else if (keysFile !== undefined) keySource = { kind: "file", path: path.resolve(keysFile) };
+  else if (production) {
+    throw new ConfigError(
+      "TOKENVAULT_KEYS or TOKENVAULT_KEYS_FILE is required when NODE_ENV=production (generate a key with `tokenvault keys generate`)",
+    );
+  } else keySource = { kind: "development", path: path.join(dataDir, "dev-keys.json") };
+
+  const logLevel = (nonEmpty(env, "TOKENVAULT_LOG_LEVEL") ?? "info") as LogLevel;
+  if (!logLevels.includes(logLevel)) {
+    throw new ConfigError(`TOKENVAULT_LOG_LEVEL must be one of ${logLevels.join(", ")}`);
+  }
+
+  return Object.freeze({
+    production,
+    databaseUrl,
+    dataDir,
+    embeddedPostgresPort: integer(env, "TOKENVAULT_EMBEDDED_PG_PORT", 0, 0, 65535),
+    host: nonEmpty(env, "TOKENVAULT_HOST") ?? "127.0.0.1",
+    port: integer(env, "TOKENVAULT_PORT", 50051, 0, 65535),
+    tls: certFile !== undefined && keyFile !== undefined
+      ? Object.freeze({ certFile: path.resolve(certFile), keyFile: path.resolve(keyFile) })
+      : undefined,
+    keySource,
+    migrateOnStart: boolean(env, "TOKENVAULT_MIGRATE_ON_START", true),
+    logLevel,
+    maxMessageBytes: integer(env, "TOKENVAULT_MAX_MESSAGE_BYTES", 256 * 1024, 64 * 1024, 16 * 1024 * 1024),
+    dbPoolMax: integer(env, "TOKENVAULT_DB_POOL_MAX", 10, 1, 1000),
+    shutdownGraceMs: integer(env, "TOKENVAULT_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000),
+  });
+}
+
+function nonEmpty(env: Env, name: string): string | undefined {
+  const value = env[name]?.trim();
+  return value === undefined || value === "" ? undefined : value;
+}
+
+function integer(env: Env, name: string, fallback: number, min: number, max: number): number {
+  const raw = nonEmpty(env, name);
+  if (raw === undefined) return fallback;
+  const value = /^\d+$/.test(raw) ? Number(raw) : NaN;
+  if (!Number.isSafeInteger(value) || value < min || value > max) {
+    throw new ConfigError(`${name} must be a whole number from ${min} to ${max}, got "${raw}"`);
+  }
+  return value;
+}
+
+function boolean(env: Env, name: string, fallback: boolean): boolean {
+  const raw = nonEmpty(env, name)?.toLowerCase();
+  if (raw === undefined) return fallback;
+  if (["1", "true", "yes", "on"].includes(raw)) return true;
+  if (["0", "false", "no", "off"].includes(raw)) return false;
+  throw new ConfigError(`${name} must be true or false, got "${raw}"`);
+}

@@ -1,0 +1,212 @@
+/**
+ * Statements on the connections table, one function each. Sealed columns are
+ * opaque bytes here: sealing and opening happen in src/crypto.
+ */
+import type { Pool, PoolClient } from "pg";
+
+type Queryable = Pool | PoolClient;
+
+/** A connections row as selected (metadata and sealed secrets). */
+export interface ConnectionRow {
+  id: string;
+  user_id: string;
+  integration: string;
+  key_id: string;
+  access_token_sealed: Buffer;
+  refresh_token_sealed: Buffer | null;
+  id_token_sealed: Buffer | null;
+  extras_sealed: Buffer | null;
+  token_type: string;
+  scopes: string[];
+  expires_at: Date | null;
+  status: "active" | "needs_reauth";
+  generation: string;
+  ip_address: string | null;
+  user_agent: string | null;
+  created_at: Date;
+  updated_at: Date;
+  last_used_at: Date | null;
+  issued_at: Date;
+}
+
+/** A connections row without its sealed columns, for listings. */
+export type ConnectionMetadataRow = Omit<
+  ConnectionRow,
+  "access_token_sealed" | "refresh_token_sealed" | "id_token_sealed" | "extras_sealed"
+> & { has_refresh_token: boolean };
+
+const metadataColumns = `id, user_id, integration, key_id, token_type, scopes, expires_at, status, generation,
+  host(ip_address) as ip_address, user_agent, created_at, updated_at, last_used_at, issued_at,
+  refresh_token_sealed is not null as has_refresh_token`;
+
+/** What Store writes. */
+export interface UpsertConnection {
+  userId: string;
+  integration: string;
+  keyId: string;
+  accessTokenSealed: Buffer;
+  refreshTokenSealed: Buffer | null;
+  idTokenSealed: Buffer | null;
+  extrasSealed: Buffer | null;
+  tokenType: string;
+  scopes: string[];
+  expiresAt: Date | null;
+  ipAddress: string | null;
+  userAgent: string | null;
+}
+
+/**
+ * Inserts or replaces the connection (user_id, integration). A replace keeps
+ * created_at and last_used_at, makes the connection active again and bumps
+ * its generation. `created` is true for an insert.
+ */
+export async function upsertConnection(
+  db: Queryable,
+  c: UpsertConnection,
+): Promise<ConnectionMetadataRow & { created: boolean }> {
+  const result = await db.query<ConnectionMetadataRow & { created: boolean }>(
+    `insert into connections as c (user_id, integration, key_id, access_token_sealed, refresh_token_sealed,
+       id_token_sealed, extras_sealed, token_type, scopes, expires_at, ip_address, user_agent)
+     values ($1::text, $2::text, $3::text, $4::bytea, $5::bytea, $6::bytea, $7::bytea, $8::text, $9::text[],
+       $10::timestamptz, $11::inet, $12::text)
+     on conflict (user_id, integration) do update set
+       key_id = excluded.key_id,
+       access_token_sealed = excluded.access_token_sealed,
+       refresh_token_sealed = excluded.refresh_token_sealed,
+       id_token_sealed = excluded.id_token_sealed,
+       extras_sealed = excluded.extras_sealed,
+       token_type = excluded.token_type,
+       scopes = excluded.scopes,
+       expires_at = excluded.expires_at,
+       ip_address = excluded.ip_address,
+       user_agent = excluded.user_agent,
+       status = 'active',
+       generation = c.generation + 1,
+       updated_at = now(),
+       issued_at = now()
+     returning ${metadataColumns}, (xmax = 0) as created`,
+    [
+      c.userId, c.integration, c.keyId, c.accessTokenSealed, c.refreshTokenSealed, c.idTokenSealed,
+      c.extrasSealed, c.tokenType, c.scopes, c.expiresAt, c.ipAddress, c.userAgent,
+    ],
+  );
+  return result.rows[0]!;
+}
+
+/**
+ * Selects the connection and marks it used, in one round trip. Returns
+ * undefined when there is none.
+ */
+export async function selectConnectionForUse(
+  db: Queryable,
+  userId: string,
+  integration: string,
+): Promise<ConnectionRow | undefined> {
+  const result = await db.query<ConnectionRow>(
+    `update connections set last_used_at = now()
+     where user_id = $1::text and integration = $2::text
+     returning id, user_id, integration, key_id, access_token_sealed, refresh_token_sealed, id_token_sealed,
+       extras_sealed, token_type, scopes, expires_at, status, generation, host(ip_address) as ip_address,
+       user_agent, created_at, updated_at, last_used_at, issued_at`,
+    [userId, integration],
+  );
+  return result.rows[0];
+}
+
+/** Deletes one connection; true when it existed. */
+export async function deleteConnection(db: Queryable, userId: string, integration: string): Promise<boolean> {
+  const result = await db.query("delete from connections where user_id = $1::text and integration = $2::text", [
+    userId,
+    integration,
+  ]);
+  return result.rowCount === 1;
+}
+
+/** Deletes every connection of a user; returns how many. */
+export async function deleteUserConnections(db: Queryable, userId: string): Promise<number> {
+  const result = await db.query("delete from connections where user_id = $1::text", [userId]);
+  return result.rowCount ?? 0;
+}
+
+/** A user's connections, metadata only, ordered by integration. */
+export async function selectUserConnections(db: Queryable, userId: string): Promise<ConnectionMetadataRow[]> {
+  const result = await db.query<ConnectionMetadataRow>(
+    `select ${metadataColumns} from connections where user_id = $1::text order by integration`,
+    [userId],
+  );
+  return result.rows;
+}
+
+/** Rows per key id, for `keys status`. */
+export async function countConnectionsByKey(db: Queryable): Promise<{ key_id: string; rows: string }[]> {
+  const result = await db.query<{ key_id: string; rows: string }>(
+    "select key_id, count(*) as rows from connections group by key_id order by key_id",
+  );
+  return result.rows;
+}
+
+/**
+ * The distinct key ids that seal at least one row. A loose index scan over
+ * connections_key_id_idx, so start-up stays fast with millions of rows.
+ */
+export async function selectKeyIdsInUse(db: Queryable): Promise<string[]> {
+  const result = await db.query<{ key_id: string }>(
+    `with recursive ids as (
+       (select key_id from connections order by key_id limit 1)
+       union all
+       select (select c.key_id from connections c where c.key_id > ids.key_id order by c.key_id limit 1)
+       from ids where ids.key_id is not null
+     )
+     select key_id from ids where key_id is not null`,
+  );
+  return result.rows.map((r) => r.key_id);
+}
+
+/** The sealed part of a row, as rotation reads and rewrites it. */
+export interface SealedRow {
+  id: string;
+  user_id: string;
+  integration: string;
+  key_id: string;
+  access_token_sealed: Buffer;
+  refresh_token_sealed: Buffer | null;
+  id_token_sealed: Buffer | null;
+  extras_sealed: Buffer | null;
+}
+
+/**
+ * Locks up to `limit` rows not sealed under `currentKeyId`, skipping rows
+ * another transaction holds (a Store or a concurrent rotation), so rotation
+ * never waits on or overwrites live writes.
+ */
+export async function lockRowsToReseal(client: PoolClient, currentKeyId: string, limit: number): Promise<SealedRow[]> {
+  const result = await client.query<SealedRow>(
+    `select id, user_id, integration, key_id, access_token_sealed, refresh_token_sealed, id_token_sealed, extras_sealed
+     from connections where key_id <> $1::text
+     order by key_id, id limit $2::int
+     for update skip locked`,
+    [currentKeyId, limit],
+  );
+  return result.rows;
+}
+
+/** Rewrites a row's sealed columns after re-sealing; bumps its generation. */
+export async function updateSealedColumns(
+  client: PoolClient,
+  row: Pick<SealedRow, "id" | "key_id" | "access_token_sealed" | "refresh_token_sealed" | "id_token_sealed" | "extras_sealed">,
+): Promise<void> {
+  await client.query(
+    `update connections set key_id = $2::text, access_token_sealed = $3::bytea, refresh_token_sealed = $4::bytea,
+       id_token_sealed = $5::bytea, extras_sealed = $6::bytea, generation = generation + 1
+     where id = $1::bigint`,
+    [row.id, row.key_id, row.access_token_sealed, row.refresh_token_sealed, row.id_token_sealed, row.extras_sealed],
+  );
+}
+
+/** How many rows are not sealed under `currentKeyId`. */
+export async function countRowsToReseal(db: Queryable, currentKeyId: string): Promise<number> {
+  const result = await db.query<{ n: string }>("select count(*) as n from connections where key_id <> $1::text", [
+    currentKeyId,
+  ]);
+  return Number(result.rows[0]?.n ?? 0);
+}

@@ -1,0 +1,86 @@
+#!/usr/bin/env node
+/**
+ * The `tokenvault` command: parse the command line, load the configuration,
+ * run the command. Invalid configuration or usage exits non-zero with one line.
+ */
+import { parseArgs } from "node:util";
+import { ConfigError, loadConfig } from "./config.js";
+import { KeyRingError } from "./crypto/key-ring.js";
+import { KeyMismatchError } from "./keys/verify.js";
+import { createLogger } from "./log.js";
+import { keysCommand } from "./cli/keys.js";
+import { migrateCommand, UsageError } from "./cli/migrate.js";
+import { serve } from "./cli/serve.js";
+
+const usage = `usage: tokenvault <command>
+
+  serve                      run the vault (embedded PostgreSQL when DATABASE_URL is unset)
+  migrate up|down|status     apply, revert (one step, or --count N) or list schema migrations
+  keys generate [--id ID] [--prepend FILE]
+                             make a new key (print it, or put it first in a key file)
+  keys status                rows per key id
+  keys rotate [--batch-size N]
+                             re-seal every row under the sealing (first) key, online
+
+Configuration comes from the environment: see README.md.`;
+
+async function main(argv: string[]): Promise<number> {
+  const { positionals, values } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      count: { type: "string" },
+      id: { type: "string" },
+      prepend: { type: "string" },
+      "batch-size": { type: "string" },
+      help: { type: "boolean", short: "h" },
+    },
+  });
+  const [command, action] = positionals;
+  if (values.help === true || command === undefined || command === "help") {
+    console.log(usage);
+    return command === undefined && values.help !== true ? 2 : 0;
+  }
+  const config = loadConfig();
+  const logger = createLogger(config.logLevel);
+  switch (command) {
+    case "serve":
+      await serve(config, logger);
+      return 0;
+    case "migrate":
+      await migrateCommand(config, logger, action ?? "", positiveInt(values.count, "--count"));
+      return 0;
+    case "keys":
+      await keysCommand(config, logger, action ?? "", {
+        id: values.id,
+        prepend: values.prepend,
+        batchSize: positiveInt(values["batch-size"], "--batch-size"),
+      });
+      return 0;
+    default:
+      throw new UsageError(`unknown command "${command}"`);
+  }
+}
+
+function positiveInt(value: string | undefined, flag: string): number | undefined {
+  if (value === undefined) return undefined;
+  if (!/^[1-9]\d*$/.test(value)) throw new UsageError(`${flag} must be a positive whole number`);
+  return Number(value);
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    if (err instanceof UsageError || (err as { code?: string }).code?.startsWith("ERR_PARSE_ARGS")) {
+      console.error(`tokenvault: ${(err as Error).message}\n\n${usage}`);
+      process.exit(2);
+    }
+    if (err instanceof ConfigError || err instanceof KeyRingError || err instanceof KeyMismatchError) {
+      console.error(`tokenvault: ${err.message}`);
+      process.exit(1);
+    }
+    const code = (err as { code?: string }).code;
+    console.error(`tokenvault: ${err instanceof Error ? err.message : String(err)}${code ? ` (${code})` : ""}`);
+    process.exit(1);
+  },
+);

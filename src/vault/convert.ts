@@ -1,0 +1,38 @@
+/**
+ * Rows to messages. The only place that shapes a Connection for callers, so
+ * no secret column can slip into a response.
+ */
+import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import {
+  ConnectionSchema,
+  ConnectionStatus,
+  ConsentMetadataSchema,
+  type Connection,
+} from "../gen/tokenvault/v1/tokenvault_pb.js";
+import type { ConnectionMetadataRow } from "../db/queries/connections.js";
+
+/** The metadata columns a Connection message is made of. */
+export type ConnectionFields = Pick<
+  ConnectionMetadataRow,
+  | "user_id" | "integration" | "scopes" | "token_type" | "expires_at" | "status" | "created_at" | "updated_at"
+  | "last_used_at" | "issued_at" | "ip_address" | "user_agent"
+> & { has_refresh_token: boolean };
+
+/** Builds the Connection message for a row. */
+export function connectionFromRow(row: ConnectionFields): Connection {
+  return create(ConnectionSchema, {
+    userId: row.user_id,
+    integration: row.integration,
+    scopes: row.scopes,
+    tokenType: row.token_type,
+    expiresAt: row.expires_at === null ? undefined : timestampFromDate(row.expires_at),
+    status: row.status === "needs_reauth" ? ConnectionStatus.NEEDS_REAUTH : ConnectionStatus.ACTIVE,
+    hasRefreshToken: row.has_refresh_token,
+    createdAt: timestampFromDate(row.created_at),
+    updatedAt: timestampFromDate(row.updated_at),
+    lastUsedAt: row.last_used_at === null ? undefined : timestampFromDate(row.last_used_at),
+    issuedAt: timestampFromDate(row.issued_at),
+    consent: create(ConsentMetadataSchema, { ipAddress: row.ip_address ?? "", userAgent: row.user_agent ?? "" }),
+  });
+}

@@ -1,0 +1,28 @@
+/**
+ * The router: every service this server answers on its one port.
+ */
+import type { ConnectRouter } from "@connectrpc/connect";
+import { TokenVaultService } from "../gen/tokenvault/v1/tokenvault_pb.js";
+import { Health } from "../gen/grpc/health/v1/health_pb.js";
+import type { VaultDeps } from "./deps.js";
+import type { HealthService } from "./health.js";
+import { registerReflection } from "./reflection.js";
+import { store } from "./store.js";
+import { get } from "./get.js";
+import { clearUser, remove } from "./remove.js";
+import { listConnections } from "./list.js";
+
+/** Registers TokenVaultService, grpc.health.v1.Health and server reflection. */
+export function createRoutes(deps: VaultDeps, health: HealthService): (router: ConnectRouter) => void {
+  return (router) => {
+    router.service(TokenVaultService, {
+      store: (req) => store(deps, req),
+      get: (req) => get(deps, req),
+      remove: (req) => remove(deps, req),
+      clearUser: (req) => clearUser(deps, req),
+      listConnections: (req) => listConnections(deps, req),
+    });
+    health.register(router);
+    registerReflection(router, [TokenVaultService, Health]);
+  };
+}
