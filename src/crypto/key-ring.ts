@@ -59,9 +59,12 @@ export class KeyRing {
   constructor(material: readonly KeyMaterial[]) {
     if (material.length === 0) throw new KeyRingError("the key ring is empty: configure at least one key");
     const keys = new Map<string, RingKey>();
-    for (const { id, bytes } of material) {
+    for (const [index, { id, bytes }] of material.entries()) {
       if (!keyIdPattern.test(id)) {
-        throw new KeyRingError(`key id "${id}" is invalid: use 1..32 letters, digits, '_' or '-'`);
+        // Never echo an invalid id: an entry written key:id would print the key.
+        throw new KeyRingError(
+          `the id of key entry ${index + 1} is invalid (${id.length} characters): use 1..32 letters, digits, '_' or '-' (entries are written id:base64key)`,
+        );
       }
       if (bytes.length !== keyBytes) {
         throw new KeyRingError(`key "${id}" must be ${keyBytes} bytes (base64 of 32 random bytes), got ${bytes.length}`);

@@ -8,7 +8,8 @@ import { timingSafeEqual } from "node:crypto";
 import type { Pool } from "pg";
 import type { KeyRing } from "../crypto/key-ring.js";
 import { insertEncryptionKey, selectEncryptionKeys } from "../db/queries/encryption-keys.js";
-import { selectKeyIdsInUse } from "../db/queries/connections.js";
+import { selectKeyIdsInUse, selectOneRowSealedBy } from "../db/queries/connections.js";
+import { openSecrets } from "../crypto/token-seal.js";
 
 /** The key ring does not fit the database; the message names the key id. */
 export class KeyMismatchError extends Error {
@@ -20,9 +21,30 @@ export class KeyMismatchError extends Error {
  * @throws KeyMismatchError naming the offending key id.
  */
 export async function verifyKeyRing(pool: Pool, ring: KeyRing): Promise<void> {
-  // Record first, then compare: if two replicas race with different keys under
-  // one id, the loser sees the winner's check value and refuses.
-  for (const id of ring.ids) await insertEncryptionKey(pool, id, ring.get(id)!.checkValue);
+  // A ring key never recorded may still seal rows (written before check values
+  // existed, or by a process that skipped this check): prove it opens one
+  // before recording it, or a wrong key would become the recorded truth.
+  const known = new Set((await selectEncryptionKeys(pool)).map((row) => row.key_id));
+  for (const id of ring.ids) {
+    if (known.has(id)) continue;
+    const sample = await selectOneRowSealedBy(pool, id);
+    if (sample !== undefined) {
+      try {
+        openSecrets(ring, { userId: sample.user_id, integration: sample.integration }, {
+          keyId: id,
+          accessToken: sample.access_token_sealed,
+          refreshToken: null,
+          idToken: null,
+          extras: null,
+        });
+      } catch {
+        throw new KeyMismatchError(`key "${id}" in the key ring does not open the rows sealed under that id: restore the original key`);
+      }
+    }
+    // Record, then compare below: if two replicas race with different keys
+    // under one id, the loser sees the winner's check value and refuses.
+    await insertEncryptionKey(pool, id, ring.get(id)!.checkValue);
+  }
   const recorded = await selectEncryptionKeys(pool);
   for (const row of recorded) {
     const key = ring.get(row.key_id);

@@ -162,6 +162,16 @@ export async function selectKeyIdsInUse(db: Queryable): Promise<string[]> {
   return result.rows.map((r) => r.key_id);
 }
 
+/** Any one row sealed under `keyId`, to prove a key opens it; undefined when none. */
+export async function selectOneRowSealedBy(db: Queryable, keyId: string): Promise<SealedRow | undefined> {
+  const result = await db.query<SealedRow>(
+    `select id, user_id, integration, key_id, access_token_sealed, refresh_token_sealed, id_token_sealed, extras_sealed
+     from connections where key_id = $1::text limit 1`,
+    [keyId],
+  );
+  return result.rows[0];
+}
+
 /** The sealed part of a row, as rotation reads and rewrites it. */
 export interface SealedRow {
   id: string;
