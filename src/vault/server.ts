@@ -53,7 +53,9 @@ export function buildServer(options: ServerOptions): VaultServer {
     routes: createRoutes(options.deps, health),
     interceptors: [requestInterceptor(logger)],
     readMaxBytes: options.maxMessageBytes,
-    writeMaxBytes: options.maxMessageBytes,
+    // Responses are not capped by the request limit: a Get carries more than
+    // the Store that wrote it, and a user may have many connections.
+    writeMaxBytes: Math.max(options.maxMessageBytes, 16 * 1024 * 1024),
     contextValues: (req) => createContextValues().set(peerAddressKey, req.socket.remoteAddress ?? ""),
   });
 
@@ -120,12 +122,15 @@ export function buildServer(options: ServerOptions): VaultServer {
     listener = net.createServer((socket) => {
       trackSocket(socket);
       let seen = Buffer.alloc(0);
+      // A client that never sends its first bytes must not hold a socket forever.
+      socket.setTimeout(10_000, () => socket.destroy());
       const onData = (chunk: Buffer) => {
         seen = Buffer.concat([seen, chunk]);
         const n = Math.min(seen.length, h2Preface.length);
         const isH2 = seen.subarray(0, n).equals(h2Preface.subarray(0, n));
         if (isH2 && seen.length < h2Preface.length) return; // need more bytes to decide
         socket.off("data", onData);
+        socket.setTimeout(0);
         socket.pause();
         socket.unshift(seen);
         if (isH2) http2Sockets.add(socket);

@@ -19,6 +19,8 @@ export const limits = {
   tokenTypeChars: 64,
   scopes: 256,
   scopeChars: 512,
+  /** All scopes together, so a Get response stays far below the message limit. */
+  scopesTotalChars: 8 * 1024,
   userAgentChars: 512,
   maxExpiresInSeconds: 10 * 365 * 24 * 3600,
   maxMinValidForSeconds: 24 * 3600,
@@ -82,13 +84,19 @@ export function validateTokenSet(tokenSet: TokenSet | undefined, now: Date): Val
     }
   }
   const scopes = [...new Set(tokenSet.scopes)];
+  if (scopes.reduce((n, s) => n + s.length, 0) > limits.scopesTotalChars) {
+    throw invalidField("token_set.scopes", `must be at most ${limits.scopesTotalChars} characters in all`);
+  }
 
   let expiresAt: Date | null = null;
   if (tokenSet.expiry.case === "expiresAt") {
     expiresAt = timestampToDate(tokenSet.expiry.value, "token_set.expires_at");
   } else if (tokenSet.expiry.case === "expiresIn") {
     const seconds = durationSeconds(tokenSet.expiry.value, "token_set.expires_in");
-    if (seconds <= 0 || seconds > limits.maxExpiresInSeconds) {
+    // Compare whole seconds and nanos: floating point would let 10 years + 1 ns through.
+    const whole = Number(tokenSet.expiry.value.seconds);
+    const tooLong = whole > limits.maxExpiresInSeconds || (whole === limits.maxExpiresInSeconds && tokenSet.expiry.value.nanos > 0);
+    if (seconds <= 0 || tooLong) {
       throw invalidField("token_set.expires_in", "must be positive and at most 10 years");
     }
     expiresAt = new Date(now.getTime() + Math.round(seconds * 1000));

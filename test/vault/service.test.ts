@@ -197,7 +197,10 @@ describe("error details", () => {
   it("are readable by a client as a typed ErrorDetail", async () => {
     const err = await vault.grpcClient
       .store({ userId: "", integration: "gmail", tokenSet: { accessToken: secretToken() } })
-      .then(() => new ConnectError("Store succeeded", Code.OK), (e: unknown) => ConnectError.from(e));
+      .then(
+        () => expect.unreachable("Store succeeded"),
+        (e: unknown) => ConnectError.from(e),
+      );
     expect(err.code).toBe(Code.InvalidArgument);
     expect(err.rawMessage).toBe("user_id must be 1..256 characters");
     expect(err.findDetails(ErrorDetailSchema)).toEqual([
