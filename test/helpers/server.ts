@@ -60,7 +60,7 @@ export async function startVault(options: StartVaultOptions): Promise<TestVault>
     baseUrl,
     logs,
     grpcClient: createClient(TokenVaultService, createGrpcTransport({ baseUrl })),
-    connectClient: createClient(TokenVaultService, createConnectTransport({ baseUrl, httpVersion: "1.1" })),
+    connectClient: createClient(TokenVaultService, createConnectTransport({ baseUrl, httpVersion: "1.1", useBinaryFormat: false })),
     grpcWebClient: createClient(TokenVaultService, createGrpcWebTransport({ baseUrl, httpVersion: "1.1" })),
     close: (graceMs = 2_000) => server.close(graceMs),
   };

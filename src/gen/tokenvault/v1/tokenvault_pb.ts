@@ -60,7 +60,7 @@ export type TokenSet = Message<"tokenvault.v1.TokenSet"> & {
 
   /**
    * The granted scopes, one entry each (at most 256 entries of 1..512
-   * characters, no whitespace).
+   * characters, no whitespace, 8 KiB in all). Duplicates are dropped.
    *
    * @generated from field: repeated string scopes = 4;
    */
