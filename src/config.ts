@@ -108,7 +108,7 @@ export function loadConfig(env: Env = process.env): Config {
     tls: certFile !== undefined && keyFile !== undefined
       ? Object.freeze({ certFile: path.resolve(certFile), keyFile: path.resolve(keyFile) })
       : undefined,
-    keySource,
+    keySource: Object.freeze(keySource),
     migrateOnStart: boolean(env, "TOKENVAULT_MIGRATE_ON_START", true),
     logLevel,
     maxMessageBytes: integer(env, "TOKENVAULT_MAX_MESSAGE_BYTES", 256 * 1024, 64 * 1024, 16 * 1024 * 1024),

@@ -8,7 +8,7 @@ import { ConfigError, loadConfig } from "./config.js";
 import { KeyRingError } from "./crypto/key-ring.js";
 import { KeyMismatchError } from "./keys/verify.js";
 import { createLogger } from "./log.js";
-import { keysCommand } from "./cli/keys.js";
+import { generateKeyCommand, keysCommand } from "./cli/keys.js";
 import { migrateCommand, UsageError } from "./cli/migrate.js";
 import { serve } from "./cli/serve.js";
 
@@ -40,6 +40,10 @@ async function main(argv: string[]): Promise<number> {
   if (values.help === true || command === undefined || command === "help") {
     console.log(usage);
     return command === undefined && values.help !== true ? 2 : 0;
+  }
+  if (command === "keys" && action === "generate") {
+    generateKeyCommand({ id: values.id, prepend: values.prepend });
+    return 0;
   }
   const config = loadConfig();
   const logger = createLogger(config.logLevel);

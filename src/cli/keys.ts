@@ -20,28 +20,33 @@ export interface KeysOptions {
   batchSize?: number;
 }
 
-/** Runs a keys subcommand. */
-export async function keysCommand(config: Config, logger: Logger, action: string, options: KeysOptions): Promise<void> {
-  if (action === "generate") {
-    const key = generateKey(options.id ?? newKeyId());
-    if (options.prepend === undefined) {
-      console.log(formatKeyList([key]));
-      console.error("Put this first in TOKENVAULT_KEYS (comma-separated, sealing key first) on every replica, then run `tokenvault keys rotate`.");
-      return;
-    }
-    const file = existsSync(options.prepend) ? readKeyFileMaterial(options.prepend) : { development: false, keys: [] };
-    if (file.keys.some((k) => k.id === key.id)) throw new UsageError(`key id "${key.id}" is already in ${options.prepend}`);
-    writeKeyFile(options.prepend, { development: file.development }, [key, ...file.keys]);
-    console.log(`added key "${key.id}" as the sealing key of ${options.prepend}; restart every replica, then run \`tokenvault keys rotate\``);
+/**
+ * `keys generate`: needs no configuration, so it also works where no key ring
+ * exists yet (a first production setup).
+ */
+export function generateKeyCommand(options: KeysOptions): void {
+  const key = generateKey(options.id ?? newKeyId());
+  if (options.prepend === undefined) {
+    console.log(formatKeyList([key]));
+    console.error("Put this first in TOKENVAULT_KEYS (comma-separated, sealing key first) on every replica, then run `tokenvault keys rotate`.");
     return;
   }
+  const file = existsSync(options.prepend) ? readKeyFileMaterial(options.prepend) : { development: false, keys: [] };
+  if (file.keys.some((k) => k.id === key.id)) throw new UsageError(`key id "${key.id}" is already in ${options.prepend}`);
+  writeKeyFile(options.prepend, { development: file.development }, [key, ...file.keys]);
+  console.log(`added key "${key.id}" as the sealing key of ${options.prepend}; restart every replica, then run \`tokenvault keys rotate\``);
+}
+
+/** Runs `keys status` or `keys rotate`. */
+export async function keysCommand(config: Config, logger: Logger, action: string, options: KeysOptions): Promise<void> {
   if (action !== "status" && action !== "rotate") throw new UsageError(`unknown keys action "${action}": use generate, status or rotate`);
 
   const { ring } = loadKeyRing(config.keySource, config.production);
   const database = await openDatabase(config, logger);
   const pool = createPool({ connectionString: database.url, max: 2, logger, applicationName: "tokenvault-keys" });
   try {
-    await verifyKeyRing(pool, ring);
+    // status only reads: it must be able to show ids missing from the ring,
+    // which verifyKeyRing refuses. rotate writes, so it checks first.
     if (action === "status") {
       for (const row of await keyStatus(pool, ring)) {
         const marks = [row.current ? "sealing" : "", row.inRing ? "in ring" : "MISSING FROM RING"].filter(Boolean).join(", ");
@@ -49,6 +54,7 @@ export async function keysCommand(config: Config, logger: Logger, action: string
       }
       return;
     }
+    await verifyKeyRing(pool, ring);
     const started = Date.now();
     const result = await rotateKeys(pool, ring, {
       batchSize: options.batchSize,

@@ -2,6 +2,7 @@
  * `tokenvault serve`: open the database, migrate, check the key ring against
  * it, listen, and shut down gracefully on SIGTERM or SIGINT.
  */
+import { setTimeout as sleep } from "node:timers/promises";
 import type { Config } from "../config.js";
 import { loadKeyRing } from "../crypto/key-source.js";
 import { migrate } from "../db/migrate.js";
@@ -13,6 +14,18 @@ import { openDatabase } from "./database.js";
 
 /** Runs the vault until a signal stops it; resolves when it has shut down. */
 export async function serve(config: Config, logger: Logger): Promise<void> {
+  // Listen for signals first: a SIGTERM during start-up (e.g. while the
+  // embedded database starts) must still stop everything that was started.
+  const stopSignal = new Promise<NodeJS.Signals>((resolve) => {
+    const stop = (signal: NodeJS.Signals) => {
+      process.off("SIGTERM", stop);
+      process.off("SIGINT", stop);
+      resolve(signal);
+    };
+    process.on("SIGTERM", stop);
+    process.on("SIGINT", stop);
+  });
+
   const keys = loadKeyRing(config.keySource, config.production);
   if (keys.development) {
     logger.warn(
@@ -46,18 +59,17 @@ export async function serve(config: Config, logger: Logger): Promise<void> {
     "tokenvault listening (gRPC, gRPC-Web and Connect)",
   );
 
-  await new Promise<void>((resolve) => {
-    const stop = (signal: NodeJS.Signals) => {
-      process.off("SIGTERM", stop);
-      process.off("SIGINT", stop);
-      logger.info({ signal, graceMs: config.shutdownGraceMs }, "shutting down");
-      resolve();
-    };
-    process.on("SIGTERM", stop);
-    process.on("SIGINT", stop);
-  });
+  const signal = await stopSignal;
+  logger.info({ signal, graceMs: config.shutdownGraceMs }, "shutting down");
+  const deadline = Date.now() + config.shutdownGraceMs;
   await server.close(config.shutdownGraceMs);
-  await pool.end();
+  // pool.end() waits for running queries; a call cut at the deadline may
+  // still have one (up to statement_timeout), so bound the wait as well.
+  const poolClosed = await Promise.race([
+    pool.end().then(() => true),
+    sleep(Math.max(1_000, deadline - Date.now())).then(() => false),
+  ]);
+  if (!poolClosed) logger.warn("database queries still running after the grace period: leaving them to the server");
   await database.close();
   logger.info("stopped");
 }
