@@ -5,7 +5,7 @@
 import { randomBytes } from "node:crypto";
 import pg from "pg";
 import { inject } from "vitest";
-import { withDatabase } from "./global-setup.js";
+import { adminQuery, withDatabase } from "./global-setup.js";
 
 /** A cloned database: its URL, a pool on it, and how to drop it. */
 export interface TestDatabase {
@@ -31,14 +31,4 @@ export async function createTestDatabase(): Promise<TestDatabase> {
       await adminQuery(adminUrl, `drop database if exists ${name} with (force)`);
     },
   };
-}
-
-async function adminQuery(url: string, sql: string): Promise<void> {
-  const client = new pg.Client({ connectionString: url });
-  await client.connect();
-  try {
-    await client.query(sql);
-  } finally {
-    await client.end();
-  }
 }

@@ -37,14 +37,14 @@ export async function setup(project: TestProject): Promise<void> {
     adminUrl = embedded.adminUrl;
   }
   templateDatabase = `tv_template_${process.pid}_${Date.now().toString(36)}`;
-  await admin(adminUrl, `create database ${templateDatabase}`);
+  await adminQuery(adminUrl, `create database ${templateDatabase}`);
   await migrate(withDatabase(adminUrl, templateDatabase), { direction: "up" });
   project.provide("adminUrl", adminUrl);
   project.provide("templateDatabase", templateDatabase);
 }
 
 export async function teardown(): Promise<void> {
-  await admin(adminUrl, `drop database if exists ${templateDatabase} with (force)`).catch(() => {});
+  await adminQuery(adminUrl, `drop database if exists ${templateDatabase} with (force)`).catch(() => {});
   if (embedded !== undefined) await embedded.stop();
   if (dataDir !== undefined) rmSync(dataDir, { recursive: true, force: true });
 }
@@ -56,7 +56,8 @@ export function withDatabase(url: string, database: string): string {
   return u.toString();
 }
 
-async function admin(url: string, sql: string): Promise<void> {
+/** Runs one statement on a short-lived connection (CREATE/DROP DATABASE cannot run in a pool transaction). */
+export async function adminQuery(url: string, sql: string): Promise<void> {
   const client = new pg.Client({ connectionString: url });
   await client.connect();
   try {
@@ -69,11 +70,11 @@ async function admin(url: string, sql: string): Promise<void> {
 /** TEST_DATABASE_URL may name a database that does not exist yet: create it. */
 async function ensureDatabaseExists(url: string): Promise<string> {
   try {
-    await admin(url, "select 1");
+    await adminQuery(url, "select 1");
   } catch (err) {
     if ((err as { code?: string }).code !== "3D000") throw err;
     const name = decodeURIComponent(new URL(url).pathname.slice(1));
-    await admin(withDatabase(url, "postgres"), `create database "${name.replace(/"/g, '""')}"`);
+    await adminQuery(withDatabase(url, "postgres"), `create database "${name.replace(/"/g, '""')}"`);
   }
   return url;
 }

@@ -79,18 +79,8 @@ export interface GrpcJsVault {
  * with snake_case field names as in the .proto.
  */
 export function grpcJsClient(port: number, credentials = grpc.credentials.createInsecure(), host = "127.0.0.1"): GrpcJsVault {
-  const definition = protoLoader.loadSync(path.join(protoDir, "tokenvault/v1/tokenvault.proto"), {
-    keepCase: true,
-    longs: String,
-    enums: String,
-    defaults: true,
-    oneofs: true,
-    includeDirs: [protoDir],
-  });
-  const loaded = grpc.loadPackageDefinition(definition) as unknown as {
-    tokenvault: { v1: { TokenVaultService: grpc.ServiceClientConstructor } };
-  };
-  const raw = new loaded.tokenvault.v1.TokenVaultService(`${host}:${port}`, credentials) as GrpcJsVault["raw"];
+  const Service = grpcJsService("tokenvault/v1/tokenvault.proto", "tokenvault.v1.TokenVaultService");
+  const raw = new Service(`${host}:${port}`, credentials) as GrpcJsVault["raw"];
   return {
     raw,
     call: (method, request, metadata = new grpc.Metadata()) =>
@@ -99,4 +89,22 @@ export function grpcJsClient(port: number, credentials = grpc.credentials.create
       }),
     close: () => raw.close(),
   };
+}
+
+/**
+ * A grpc-js client constructor for `service` (full name) loaded at run time
+ * from a .proto under proto/, with snake_case field names as in the file.
+ */
+export function grpcJsService(protoFile: string, service: string): grpc.ServiceClientConstructor {
+  const definition = protoLoader.loadSync(path.join(protoDir, protoFile), {
+    keepCase: true,
+    longs: String,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+    includeDirs: [protoDir],
+  });
+  let node: unknown = grpc.loadPackageDefinition(definition);
+  for (const part of service.split(".")) node = (node as Record<string, unknown>)[part];
+  return node as grpc.ServiceClientConstructor;
 }

@@ -6,17 +6,15 @@
  * client reads them: the grpc status code, and the google.rpc.Status in the
  * `grpc-status-details-bin` trailer, decoded by hand.
  */
-import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
 import { fromBinary } from "@bufbuild/protobuf";
 import { AnySchema, type Any } from "@bufbuild/protobuf/wkt";
 import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 import { ErrorDetailSchema, ErrorReason } from "../../src/gen/tokenvault/v1/tokenvault_pb.js";
 import { createTestDatabase, type TestDatabase } from "../helpers/db.js";
 import { secretToken, testKeyRing } from "../helpers/secrets.js";
-import { grpcJsClient, protoDir, startVault, type GrpcJsVault, type TestVault } from "../helpers/server.js";
+import { grpcJsClient, grpcJsService, startVault, type GrpcJsVault, type TestVault } from "../helpers/server.js";
 
 let db: TestDatabase;
 let vault: TestVault;
@@ -372,18 +370,8 @@ describe("grpc.health.v1.Health over grpc-js", () => {
   let health: grpc.Client & Record<string, (...args: unknown[]) => unknown>;
 
   beforeAll(() => {
-    const definition = protoLoader.loadSync(path.join(protoDir, "grpc/health/v1/health.proto"), {
-      keepCase: true,
-      longs: String,
-      enums: String,
-      defaults: true,
-      oneofs: true,
-      includeDirs: [protoDir],
-    });
-    const loaded = grpc.loadPackageDefinition(definition) as unknown as {
-      grpc: { health: { v1: { Health: grpc.ServiceClientConstructor } } };
-    };
-    health = new loaded.grpc.health.v1.Health(`127.0.0.1:${vault.port}`, grpc.credentials.createInsecure()) as typeof health;
+    const Health = grpcJsService("grpc/health/v1/health.proto", "grpc.health.v1.Health");
+    health = new Health(`127.0.0.1:${vault.port}`, grpc.credentials.createInsecure()) as typeof health;
   });
 
   afterAll(() => health?.close());

@@ -1,14 +1,12 @@
 // End-to-end tests of src/vault/health.ts against a real HTTP/2 server, with
 // a Connect client and a plain @grpc/grpc-js client.
 
-import http2 from "node:http2";
-import type { AddressInfo } from "node:net";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import type { Client, ConnectRouter, Interceptor } from "@connectrpc/connect";
-import { connectNodeAdapter, createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
@@ -20,17 +18,14 @@ import {
 import type { HealthCheckResponse } from "../../src/gen/grpc/health/v1/health_pb.js";
 import { createHealthService } from "../../src/vault/health.js";
 import type { HealthService } from "../../src/vault/health.js";
+import { startRouterServer, type RouterServer } from "../helpers/router-server.js";
 
 const repoRoot = path.resolve(import.meta.dirname, "../..");
 const SVC = "tokenvault.v1.TokenVaultService";
 
-interface TestServer {
-  readonly port: number;
-  readonly baseUrl: string;
+interface TestServer extends RouterServer {
   /** Number of Watch handlers whose response stream has not finished. */
   openWatches(): number;
-  /** Closes gracefully; resolves to true if sessions had to be destroyed. */
-  close(): Promise<boolean>;
 }
 
 async function startServer(health: HealthService): Promise<TestServer> {
@@ -52,40 +47,8 @@ async function startServer(health: HealthService): Promise<TestServer> {
     }
     return { ...res, message: tracked() };
   };
-  const server = http2.createServer(
-    connectNodeAdapter({
-      routes: (router: ConnectRouter) => health.register(router),
-      interceptors: [trackWatch],
-    }),
-  );
-  const sessions = new Set<http2.ServerHttp2Session>();
-  server.on("session", (session) => {
-    sessions.add(session);
-    session.once("close", () => sessions.delete(session));
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => resolve());
-  });
-  const { port } = server.address() as AddressInfo;
-  return {
-    port,
-    baseUrl: `http://127.0.0.1:${port}`,
-    openWatches: () => open,
-    async close() {
-      let forced = false;
-      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
-      // session.close() is the graceful path: it waits for open streams.
-      for (const session of sessions) session.close();
-      const timer = setTimeout(() => {
-        forced = true;
-        for (const session of sessions) session.destroy();
-      }, 2_000);
-      await closed;
-      clearTimeout(timer);
-      return forced;
-    },
-  };
+  const server = await startRouterServer((router: ConnectRouter) => health.register(router), [trackWatch]);
+  return Object.assign(server, { openWatches: () => open });
 }
 
 function connectClient(srv: TestServer): Client<typeof Health> {

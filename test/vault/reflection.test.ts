@@ -4,8 +4,6 @@
 
 import { execFile, spawnSync } from "node:child_process";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
-import http2 from "node:http2";
-import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
@@ -22,7 +20,7 @@ import {
 import type { FileDescriptorProto } from "@bufbuild/protobuf/wkt";
 import { createClient } from "@connectrpc/connect";
 import type { ConnectRouter } from "@connectrpc/connect";
-import { connectNodeAdapter, createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -36,46 +34,15 @@ import type { ServerReflectionResponse } from "../../src/gen/grpc/reflection/v1/
 import { TokenVaultService } from "../../src/gen/tokenvault/v1/tokenvault_pb.js";
 import { createHealthService } from "../../src/vault/health.js";
 import { registerReflection } from "../../src/vault/reflection.js";
+import { startRouterServer, type RouterServer } from "../helpers/router-server.js";
 
 const execFileAsync = promisify(execFile);
 const repoRoot = path.resolve(import.meta.dirname, "../..");
 const bufBin = path.join(repoRoot, "node_modules/.bin/buf");
 
-interface TestServer {
-  readonly port: number;
-  readonly baseUrl: string;
-  close(): Promise<void>;
-}
 
 /** Starts an HTTP/2 cleartext server on 127.0.0.1 with an ephemeral port. */
-async function startServer(routes: (router: ConnectRouter) => void): Promise<TestServer> {
-  const server = http2.createServer(connectNodeAdapter({ routes }));
-  const sessions = new Set<http2.ServerHttp2Session>();
-  server.on("session", (session) => {
-    sessions.add(session);
-    session.once("close", () => sessions.delete(session));
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => resolve());
-  });
-  const { port } = server.address() as AddressInfo;
-  return {
-    port,
-    baseUrl: `http://127.0.0.1:${port}`,
-    async close() {
-      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
-      for (const session of sessions) session.close();
-      // Idle client sessions close at once; anything still open after a
-      // moment is destroyed so a failing test cannot hang the suite.
-      const timer = setTimeout(() => {
-        for (const session of sessions) session.destroy();
-      }, 2_000);
-      await closed;
-      clearTimeout(timer);
-    },
-  };
-}
+const startServer = (routes: (router: ConnectRouter) => void): Promise<RouterServer> => startRouterServer(routes);
 
 type RequestInit = MessageInitShape<typeof ServerReflectionRequestSchema>;
 
@@ -133,7 +100,7 @@ async function buf(args: string[]): Promise<{ code: number; stdout: string; stde
 const curlFlags = ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "--reflect-protocol", "grpc-v1"];
 
 describe("registerReflection", () => {
-  let srv: TestServer;
+  let srv: RouterServer;
 
   beforeAll(async () => {
     const health = createHealthService();
@@ -545,7 +512,7 @@ describe("registerReflection with extensions", () => {
     () => undefined,
   );
   const ExtService = extFile.getService("reflecttest.v1.ExtService") as DescService;
-  let srv: TestServer;
+  let srv: RouterServer;
 
   beforeAll(async () => {
     expect(ExtService).toBeDefined();

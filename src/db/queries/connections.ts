@@ -173,16 +173,10 @@ export async function selectOneRowSealedBy(db: Queryable, keyId: string): Promis
 }
 
 /** The sealed part of a row, as rotation reads and rewrites it. */
-export interface SealedRow {
-  id: string;
-  user_id: string;
-  integration: string;
-  key_id: string;
-  access_token_sealed: Buffer;
-  refresh_token_sealed: Buffer | null;
-  id_token_sealed: Buffer | null;
-  extras_sealed: Buffer | null;
-}
+export type SealedRow = Pick<
+  ConnectionRow,
+  "id" | "user_id" | "integration" | "key_id" | "access_token_sealed" | "refresh_token_sealed" | "id_token_sealed" | "extras_sealed"
+>;
 
 /**
  * Locks up to `limit` rows not sealed under `currentKeyId`, skipping rows
