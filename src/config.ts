@@ -34,8 +34,12 @@ export interface Config {
   readonly embeddedPostgresPort: number;
   readonly host: string;
   readonly port: number;
-  /** TLS certificate and key (PEM files); both or neither. */
-  readonly tls: { readonly certFile: string; readonly keyFile: string } | undefined;
+  /** TLS certificate and key (PEM files); both or neither. clientCaFile turns on mutual TLS. */
+  readonly tls: { readonly certFile: string; readonly keyFile: string; readonly clientCaFile: string | undefined } | undefined;
+  /** Services callable without a credential. */
+  readonly openServices: ReadonlySet<string>;
+  /** How often each replica re-reads the callers table even without a notification. */
+  readonly callersReloadMs: number;
   readonly keySource: KeySource;
   /** Run pending migrations when `serve` starts. */
   readonly migrateOnStart: boolean;
@@ -79,6 +83,14 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError("set both TOKENVAULT_TLS_CERT_FILE and TOKENVAULT_TLS_KEY_FILE, or neither");
   }
 
+  const clientCaFile = nonEmpty(env, "TOKENVAULT_TLS_CLIENT_CA_FILE");
+  if (clientCaFile !== undefined && certFile === undefined) {
+    throw new ConfigError("TOKENVAULT_TLS_CLIENT_CA_FILE needs TLS: set TOKENVAULT_TLS_CERT_FILE and TOKENVAULT_TLS_KEY_FILE too");
+  }
+  const openServices = new Set<string>();
+  if (boolean(env, "TOKENVAULT_OPEN_HEALTH", true)) openServices.add("grpc.health.v1.Health");
+  if (boolean(env, "TOKENVAULT_OPEN_REFLECTION", true)) openServices.add("grpc.reflection.v1.ServerReflection");
+
   const keysValue = nonEmpty(env, "TOKENVAULT_KEYS");
   const keysFile = nonEmpty(env, "TOKENVAULT_KEYS_FILE");
   if (keysValue !== undefined && keysFile !== undefined) {
@@ -106,9 +118,15 @@ export function loadConfig(env: Env = process.env): Config {
     host: nonEmpty(env, "TOKENVAULT_HOST") ?? "127.0.0.1",
     port: integer(env, "TOKENVAULT_PORT", 50051, 0, 65535),
     tls: certFile !== undefined && keyFile !== undefined
-      ? Object.freeze({ certFile: path.resolve(certFile), keyFile: path.resolve(keyFile) })
+      ? Object.freeze({
+          certFile: path.resolve(certFile),
+          keyFile: path.resolve(keyFile),
+          clientCaFile: clientCaFile === undefined ? undefined : path.resolve(clientCaFile),
+        })
       : undefined,
     keySource: Object.freeze(keySource),
+    openServices,
+    callersReloadMs: integer(env, "TOKENVAULT_CALLERS_RELOAD_MS", 5_000, 100, 600_000),
     migrateOnStart: boolean(env, "TOKENVAULT_MIGRATE_ON_START", true),
     logLevel,
     maxMessageBytes: integer(env, "TOKENVAULT_MAX_MESSAGE_BYTES", 256 * 1024, 64 * 1024, 16 * 1024 * 1024),

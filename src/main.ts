@@ -7,7 +7,9 @@ import { parseArgs } from "node:util";
 import { ConfigError, loadConfig } from "./config.js";
 import { KeyRingError } from "./crypto/key-ring.js";
 import { KeyMismatchError } from "./keys/verify.js";
+import { CallerAdminError } from "./auth/caller-admin.js";
 import { createLogger } from "./log.js";
+import { callersCommand } from "./cli/callers.js";
 import { generateKeyCommand, keysCommand } from "./cli/keys.js";
 import { migrateCommand, UsageError } from "./cli/migrate.js";
 import { serve } from "./cli/serve.js";
@@ -21,6 +23,12 @@ const usage = `usage: tokenvault <command>
   keys status                rows per key id
   keys rotate [--batch-size N]
                              re-seal every row under the sealing (first) key, online
+  callers add NAME --allow RPC,... --integrations NAME,...|* [--users ID,PREFIX*,...] [--refresh-tokens]
+                             add a caller; prints its secret once
+  callers list | show NAME | revoke NAME | rotate-secret NAME
+  callers bind-cert NAME --identity spiffe://...|DNS|CN
+                             let a client certificate with this identity act as NAME (mutual TLS)
+  callers apply FILE         make the callers match a JSON file (creates, updates, revokes the rest)
 
 Configuration comes from the environment: see README.md.`;
 
@@ -33,6 +41,11 @@ async function main(argv: string[]): Promise<number> {
       id: { type: "string" },
       prepend: { type: "string" },
       "batch-size": { type: "string" },
+      allow: { type: "string" },
+      integrations: { type: "string" },
+      users: { type: "string" },
+      "refresh-tokens": { type: "boolean" },
+      identity: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -61,6 +74,15 @@ async function main(argv: string[]): Promise<number> {
         batchSize: positiveInt(values["batch-size"], "--batch-size"),
       });
       return 0;
+    case "callers":
+      await callersCommand(config, logger, action ?? "", positionals.slice(2), {
+        allow: values.allow,
+        integrations: values.integrations,
+        users: values.users,
+        refreshTokens: values["refresh-tokens"],
+        identity: values.identity,
+      });
+      return 0;
     default:
       throw new UsageError(`unknown command "${command}"`);
   }
@@ -79,7 +101,7 @@ main(process.argv.slice(2)).then(
       console.error(`tokenvault: ${(err as Error).message}\n\n${usage}`);
       process.exit(2);
     }
-    if (err instanceof ConfigError || err instanceof KeyRingError || err instanceof KeyMismatchError) {
+    if (err instanceof ConfigError || err instanceof KeyRingError || err instanceof KeyMismatchError || err instanceof CallerAdminError) {
       console.error(`tokenvault: ${err.message}`);
       process.exit(1);
     }

@@ -9,6 +9,8 @@ import { migrate } from "../db/migrate.js";
 import { createPool } from "../db/pool.js";
 import { verifyKeyRing } from "../keys/verify.js";
 import type { Logger } from "../log.js";
+import { ensureDevCaller } from "../auth/caller-admin.js";
+import { createCallerRegistry } from "../auth/caller-registry.js";
 import { buildServer } from "../vault/server.js";
 import { openDatabase } from "./database.js";
 
@@ -47,9 +49,30 @@ export async function serve(config: Config, logger: Logger): Promise<void> {
     throw err;
   }
 
+  const callers = await createCallerRegistry({
+    pool,
+    logger,
+    listenUrl: database.url,
+    reloadIntervalMs: config.callersReloadMs,
+  });
+  if (database.embedded) {
+    // Development default: a caller with every permission, so the README's
+    // walkthrough works on a first run. Never in production (no embedded database there).
+    const dev = await ensureDevCaller(pool, config.dataDir);
+    await callers.reload();
+    if (dev.newSecret !== undefined && process.stderr.isTTY) {
+      process.stderr.write(`\nDevelopment caller "dev" created. Its secret (shown once, also kept in ${dev.secretFile}):\n\n  ${dev.newSecret}\n\n`);
+    }
+    logger.warn({ secretFile: dev.secretFile, created: dev.newSecret !== undefined }, "development caller \"dev\" may call everything; its secret is in the data folder");
+  } else if (callers.size === 0) {
+    logger.warn("no callers are defined: nothing can call this vault until one is added (tokenvault callers add NAME --allow ... --integrations ...)");
+  }
+
   const server = buildServer({
     deps: { pool, keyRing: keys.ring, now: () => new Date() },
     logger,
+    callers,
+    openServices: config.openServices,
     maxMessageBytes: config.maxMessageBytes,
     tls: config.tls,
   });
@@ -63,6 +86,7 @@ export async function serve(config: Config, logger: Logger): Promise<void> {
   logger.info({ signal, graceMs: config.shutdownGraceMs }, "shutting down");
   const deadline = Date.now() + config.shutdownGraceMs;
   await server.close(config.shutdownGraceMs);
+  await callers.close();
   // pool.end() waits for running queries; a call cut at the deadline may
   // still have one (up to statement_timeout), so bound the wait as well.
   const poolClosed = await Promise.race([

@@ -38,6 +38,8 @@ export async function get(deps: VaultDeps, req: GetRequest): Promise<GetResponse
     expiresAt: connection.expiresAt,
     scopes: row.scopes,
     idToken: secrets.idToken,
+    // The auth interceptor already refused include_refresh_token to callers not allowed it.
+    refreshToken: req.includeRefreshToken ? secrets.refreshToken : undefined,
     extras: secrets.extrasJson === undefined ? undefined : (JSON.parse(secrets.extrasJson) as JsonObject),
     refreshed: false,
     connection,

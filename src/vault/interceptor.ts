@@ -7,6 +7,7 @@
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { randomUUID } from "node:crypto";
 import type { Logger } from "../log.js";
+import { callerKey } from "../auth/interceptor.js";
 import { callContextKey, peerAddressKey } from "./context.js";
 import { toConnectError } from "./errors.js";
 
@@ -25,18 +26,19 @@ export function requestInterceptor(logger: Logger): Interceptor {
     const peer = req.contextValues.get(peerAddressKey);
     // Health probes and reflection are frequent and uninteresting.
     const level = req.service.typeName.startsWith("grpc.") ? "debug" : "info";
+    const caller = () => req.contextValues.get(callerKey)?.name;
     try {
       const res = await next(req);
       res.header.set(requestIdHeader, requestId);
-      callLogger[level]({ code: "ok", ms: elapsed(started), peer }, "call");
+      callLogger[level]({ code: "ok", ms: elapsed(started), peer, caller: caller() }, "call");
       return res;
     } catch (err) {
       const { error, unexpected } = toConnectError(err, requestId);
       error.metadata.set(requestIdHeader, requestId);
       if (unexpected) {
-        callLogger.error({ code: Code[error.code], ms: elapsed(started), peer, cause: describe(err) }, "call failed");
+        callLogger.error({ code: Code[error.code], ms: elapsed(started), peer, caller: caller(), cause: describe(err) }, "call failed");
       } else {
-        callLogger[level]({ code: Code[error.code], ms: elapsed(started), peer, reason: error.rawMessage }, "call");
+        callLogger[level]({ code: Code[error.code], ms: elapsed(started), peer, caller: caller(), reason: error.rawMessage }, "call");
       }
       throw error;
     }

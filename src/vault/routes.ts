@@ -1,7 +1,9 @@
 /**
  * The router: every service this server answers on its one port.
  */
-import type { ConnectRouter } from "@connectrpc/connect";
+import { Code, ConnectError, type ConnectRouter, type ContextValues } from "@connectrpc/connect";
+import { callerKey } from "../auth/interceptor.js";
+import type { Caller } from "../auth/policy.js";
 import { TokenVaultService } from "../gen/tokenvault/v1/tokenvault_pb.js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import type { VaultDeps } from "./deps.js";
@@ -12,6 +14,13 @@ import { get } from "./get.js";
 import { clearUser, remove } from "./remove.js";
 import { listConnections } from "./list.js";
 
+/** The caller the auth interceptor admitted; its absence is a wiring bug, not a client error. */
+function authenticatedCaller(values: ContextValues): Caller {
+  const caller = values.get(callerKey);
+  if (caller === undefined) throw new ConnectError("no authenticated caller", Code.Internal);
+  return caller;
+}
+
 /** Registers TokenVaultService, grpc.health.v1.Health and server reflection. */
 export function createRoutes(deps: VaultDeps, health: HealthService): (router: ConnectRouter) => void {
   return (router) => {
@@ -20,7 +29,7 @@ export function createRoutes(deps: VaultDeps, health: HealthService): (router: C
       get: (req) => get(deps, req),
       remove: (req) => remove(deps, req),
       clearUser: (req) => clearUser(deps, req),
-      listConnections: (req) => listConnections(deps, req),
+      listConnections: (req, ctx) => listConnections(deps, req, authenticatedCaller(ctx.values)),
     });
     health.register(router);
     registerReflection(router, [TokenVaultService, Health]);

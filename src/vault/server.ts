@@ -10,11 +10,15 @@ import http2 from "node:http2";
 import net from "node:net";
 import { readFileSync } from "node:fs";
 import type { Duplex } from "node:stream";
+import type { TLSSocket } from "node:tls";
 import { createContextValues } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
 import { TokenVaultService } from "../gen/tokenvault/v1/tokenvault_pb.js";
 import type { Logger } from "../log.js";
+import { authInterceptor, clientCertIdentityKey } from "../auth/interceptor.js";
+import type { CallerRegistry } from "../auth/caller-registry.js";
+import { certificateIdentity } from "../auth/identity.js";
 import { peerAddressKey } from "./context.js";
 import type { VaultDeps } from "./deps.js";
 import { createHealthService, type HealthService } from "./health.js";
@@ -25,8 +29,12 @@ import { createRoutes } from "./routes.js";
 export interface ServerOptions {
   readonly deps: VaultDeps;
   readonly logger: Logger;
+  readonly callers: CallerRegistry;
+  /** Services callable without a credential (health, reflection), by full name. */
+  readonly openServices: ReadonlySet<string>;
   readonly maxMessageBytes: number;
-  readonly tls?: { readonly certFile: string; readonly keyFile: string } | undefined;
+  /** TLS; with clientCaFile, clients may also prove a caller identity by certificate (mutual TLS). */
+  readonly tls?: { readonly certFile: string; readonly keyFile: string; readonly clientCaFile?: string | undefined } | undefined;
 }
 
 /** A built, not yet listening, vault server. */
@@ -51,12 +59,21 @@ export function buildServer(options: ServerOptions): VaultServer {
   health.setStatus(TokenVaultService.typeName, HealthCheckResponse_ServingStatus.SERVING);
   const handler = connectNodeAdapter({
     routes: createRoutes(options.deps, health),
-    interceptors: [requestInterceptor(logger)],
+    // Outermost first: the request interceptor logs and shapes errors of the
+    // auth interceptor's denials too.
+    interceptors: [requestInterceptor(logger), authInterceptor({ registry: options.callers, openServices: options.openServices })],
     readMaxBytes: options.maxMessageBytes,
     // Responses are not capped by the request limit: a Get carries more than
     // the Store that wrote it, and a user may have many connections.
     writeMaxBytes: Math.max(options.maxMessageBytes, 16 * 1024 * 1024),
-    contextValues: (req) => createContextValues().set(peerAddressKey, req.socket.remoteAddress ?? ""),
+    contextValues: (req) => {
+      const socket = req.socket as TLSSocket;
+      // Only a certificate that chained to the client CA proves anything.
+      const certIdentity = socket.encrypted === true && socket.authorized ? certificateIdentity(socket.getPeerCertificate()) : undefined;
+      return createContextValues()
+        .set(peerAddressKey, req.socket.remoteAddress ?? "")
+        .set(clientCertIdentityKey, certIdentity);
+    },
   });
 
   const sessions = new Set<http2.ServerHttp2Session>();
@@ -98,17 +115,28 @@ export function buildServer(options: ServerOptions): VaultServer {
 
   let listener: net.Server;
   if (options.tls !== undefined) {
+    const clientCa = options.tls.clientCaFile;
     const secure = http2.createSecureServer(
       {
         cert: readFileSync(options.tls.certFile),
         key: readFileSync(options.tls.keyFile),
         allowHTTP1: true,
         maxSessionMemory: 64,
+        // Ask for a client certificate but let clients without one through:
+        // they may still authenticate with a bearer secret.
+        ...(clientCa !== undefined ? { ca: readFileSync(clientCa), requestCert: true, rejectUnauthorized: false } : {}),
       },
       onHttp1Request,
     );
     secure.on("session", trackSession);
-    secure.on("secureConnection", (socket: import("node:tls").TLSSocket) => {
+    secure.on("secureConnection", (socket: TLSSocket) => {
+      // A certificate that does not verify (another CA, expired) ends the
+      // connection at once, as a strict handshake would.
+      if (clientCa !== undefined && !socket.authorized && Object.keys(socket.getPeerCertificate()).length > 0) {
+        logger.info({ peer: socket.remoteAddress, reason: String(socket.authorizationError) }, "client certificate refused");
+        socket.destroy();
+        return;
+      }
       trackSocket(socket);
       if (socket.alpnProtocol === "h2") http2Sockets.add(socket);
     });

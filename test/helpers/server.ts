@@ -6,7 +6,8 @@
  */
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { createClient, type Client } from "@connectrpc/connect";
+import { randomBytes } from "node:crypto";
+import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
@@ -14,6 +15,9 @@ import type pg from "pg";
 import { TokenVaultService } from "../../src/gen/tokenvault/v1/tokenvault_pb.js";
 import type { KeyRing } from "../../src/crypto/key-ring.js";
 import { buildServer, type VaultServer } from "../../src/vault/server.js";
+import { addCaller, type PolicySpec } from "../../src/auth/caller-admin.js";
+import { createCallerRegistry, type CallerRegistry } from "../../src/auth/caller-registry.js";
+import { rpcNames } from "../../src/auth/policy.js";
 import { captureLogs, type CapturedLogs } from "./logs.js";
 
 /** The repository's proto/ folder. */
@@ -22,6 +26,13 @@ export const protoDir = fileURLToPath(new URL("../../proto", import.meta.url));
 /** A running vault and clients for it. */
 export interface TestVault {
   readonly server: VaultServer;
+  readonly callers: CallerRegistry;
+  /** The bearer secret of "test-admin", the caller with every permission that the clients below use. */
+  readonly secret: string;
+  /** Adds a caller, reloads the registry, and returns its secret and Connect clients acting as it. */
+  addCaller(name: string, spec: PolicySpec): Promise<{ secret: string; grpcClient: Client<typeof TokenVaultService>; connectClient: Client<typeof TokenVaultService> }>;
+  /** Connect clients (gRPC and Connect protocol) that send `secret` (or nothing, when undefined). */
+  clientsWith(secret: string | undefined): { grpcClient: Client<typeof TokenVaultService>; connectClient: Client<typeof TokenVaultService> };
   readonly port: number;
   readonly baseUrl: string;
   readonly logs: CapturedLogs;
@@ -37,32 +48,77 @@ export interface TestVault {
 /** Options for {@link startVault}. */
 export interface StartVaultOptions {
   pool: pg.Pool;
+  /** Listen for caller changes on this database URL (a dedicated connection); default: reload on demand only. */
+  listenUrl?: string;
+  /** Which services need no credential; default health and reflection. */
+  openServices?: ReadonlySet<string>;
   keyRing: KeyRing;
   now?: () => Date;
   maxMessageBytes?: number;
-  tls?: { certFile: string; keyFile: string };
+  tls?: { certFile: string; keyFile: string; clientCaFile?: string };
+}
+
+/** Sends `authorization: Bearer <secret>` on every call. */
+export function bearer(secret: string): Interceptor {
+  return (next) => (req) => {
+    req.header.set("authorization", `Bearer ${secret}`);
+    return next(req);
+  };
 }
 
 /** Builds the server with the given dependencies and listens on a free port. */
 export async function startVault(options: StartVaultOptions): Promise<TestVault> {
   const logs = captureLogs();
+  const callers = await createCallerRegistry({
+    pool: options.pool,
+    logger: logs.logger,
+    listenUrl: options.listenUrl,
+    reloadIntervalMs: 60_000,
+  });
+  const { secret } = await addCaller(options.pool, `test-admin-${randomBytes(4).toString("hex")}`, {
+    allow: rpcNames,
+    integrations: ["*"],
+    refreshTokens: true,
+  });
+  await callers.reload();
   const server = buildServer({
     deps: { pool: options.pool, keyRing: options.keyRing, now: options.now ?? (() => new Date()) },
     logger: logs.logger,
+    callers,
+    openServices: options.openServices ?? new Set(["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"]),
     maxMessageBytes: options.maxMessageBytes ?? 256 * 1024,
     tls: options.tls,
   });
   const port = await server.listen(0, "127.0.0.1");
   const baseUrl = `http://127.0.0.1:${port}`;
+  const clientsWith = (callerSecret: string | undefined) => {
+    const interceptors = callerSecret === undefined ? [] : [bearer(callerSecret)];
+    return {
+      grpcClient: createClient(TokenVaultService, createGrpcTransport({ baseUrl, interceptors })),
+      connectClient: createClient(TokenVaultService, createConnectTransport({ baseUrl, httpVersion: "1.1", useBinaryFormat: false, interceptors })),
+    };
+  };
+  const admin = clientsWith(secret);
   return {
     server,
+    callers,
+    secret,
     port,
     baseUrl,
     logs,
-    grpcClient: createClient(TokenVaultService, createGrpcTransport({ baseUrl })),
-    connectClient: createClient(TokenVaultService, createConnectTransport({ baseUrl, httpVersion: "1.1", useBinaryFormat: false })),
-    grpcWebClient: createClient(TokenVaultService, createGrpcWebTransport({ baseUrl, httpVersion: "1.1" })),
-    close: (graceMs = 2_000) => server.close(graceMs),
+    grpcClient: admin.grpcClient,
+    connectClient: admin.connectClient,
+    grpcWebClient: createClient(TokenVaultService, createGrpcWebTransport({ baseUrl, httpVersion: "1.1", interceptors: [bearer(secret)] })),
+    clientsWith,
+    async addCaller(name, spec) {
+      const added = await addCaller(options.pool, name, spec);
+      await callers.reload();
+      return { secret: added.secret, ...clientsWith(added.secret) };
+    },
+    async close(graceMs = 2_000) {
+      await server.close(graceMs);
+      await callers.close();
+    },
   };
 }
 
@@ -78,13 +134,20 @@ export interface GrpcJsVault {
  * A grpc-js client generated at run time from proto/tokenvault/v1/tokenvault.proto,
  * with snake_case field names as in the .proto.
  */
-export function grpcJsClient(port: number, credentials = grpc.credentials.createInsecure(), host = "127.0.0.1"): GrpcJsVault {
+export function grpcJsClient(
+  port: number,
+  secret: string | undefined,
+  credentials = grpc.credentials.createInsecure(),
+  host = "127.0.0.1",
+): GrpcJsVault {
   const Service = grpcJsService("tokenvault/v1/tokenvault.proto", "tokenvault.v1.TokenVaultService");
   const raw = new Service(`${host}:${port}`, credentials) as GrpcJsVault["raw"];
   return {
     raw,
     call: (method, request, metadata = new grpc.Metadata()) =>
       new Promise((resolve, reject) => {
+        // As another language's client passes credentials: call metadata.
+        if (secret !== undefined && metadata.get("authorization").length === 0) metadata.set("authorization", `Bearer ${secret}`);
         raw[method]!(request, metadata, (err: grpc.ServiceError | null, res: unknown) => (err ? reject(err) : resolve(res as never)));
       }),
     close: () => raw.close(),

@@ -23,7 +23,7 @@ let client: GrpcJsVault;
 beforeAll(async () => {
   db = await createTestDatabase();
   vault = await startVault({ pool: db.pool, keyRing: testKeyRing("k1") });
-  client = grpcJsClient(vault.port);
+  client = grpcJsClient(vault.port, vault.secret);
 });
 
 afterAll(async () => {

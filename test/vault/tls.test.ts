@@ -133,7 +133,7 @@ describe("clients over TLS", () => {
   });
 
   it("a grpc-js client with createSsl(ca) stores, gets and lists", async () => {
-    const client = grpcJsClient(vault.port, grpc.credentials.createSsl(ca));
+    const client = grpcJsClient(vault.port, vault.secret, grpc.credentials.createSsl(ca));
     try {
       const accessToken = secretToken("tls-grpcjs");
       const stored = await client.call<{ created: boolean }>("Store", {
@@ -152,7 +152,7 @@ describe("clients over TLS", () => {
   });
 
   it("a grpc-js client reaching the server as localhost verifies the DNS name", async () => {
-    const client = grpcJsClient(vault.port, grpc.credentials.createSsl(ca), "localhost");
+    const client = grpcJsClient(vault.port, vault.secret, grpc.credentials.createSsl(ca), "localhost");
     try {
       const listed = await client.call<{ connections: unknown[] }>("ListConnections", { user_id: "tls-grpcjs-user" });
       expect(listed.connections).toHaveLength(1);
@@ -189,7 +189,7 @@ describe("refused", () => {
   });
 
   it("a cleartext grpc-js client to the TLS port fails with UNAVAILABLE", async () => {
-    const client = grpcJsClient(vault.port);
+    const client = grpcJsClient(vault.port, vault.secret);
     try {
       const md = new grpc.Metadata();
       const err = await new Promise<grpc.ServiceError | undefined>((resolve) => {
@@ -215,7 +215,7 @@ describe("refused", () => {
   });
 
   it("a grpc-js client that trusts another CA is refused", async () => {
-    const client = grpcJsClient(vault.port, grpc.credentials.createSsl(otherCa));
+    const client = grpcJsClient(vault.port, vault.secret, grpc.credentials.createSsl(otherCa));
     try {
       const err = await new Promise<grpc.ServiceError | undefined>((resolve) => {
         client.raw["ListConnections"]!({ user_id: "tls-grpc-user" }, new grpc.Metadata(), { deadline: Date.now() + 5_000 }, (e: grpc.ServiceError | null) =>

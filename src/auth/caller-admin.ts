@@ -1,0 +1,195 @@
+/**
+ * Managing callers: what the `tokenvault callers` commands and the
+ * development default do. Secrets are returned once, to be shown once; only
+ * their hashes are stored.
+ */
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import path from "node:path";
+import type { Pool } from "pg";
+import {
+  insertCaller,
+  revokeCaller,
+  selectCallerByName,
+  selectCallers,
+  updateCallerCertIdentity,
+  updateCallerPolicy,
+  updateCallerSecret,
+  type CallerPolicyColumns,
+  type CallerRow,
+} from "../db/queries/callers.js";
+import { withTransaction } from "../db/transaction.js";
+import { newSecret } from "./credentials.js";
+import { callerNamePattern, rpcNames } from "./policy.js";
+
+/** A request to manage callers that cannot be carried out; the message says why. */
+export class CallerAdminError extends Error {
+  override readonly name = "CallerAdminError";
+}
+
+/** A policy as written by people (CLI flags or a callers file). */
+export interface PolicySpec {
+  allow: readonly string[];
+  integrations: readonly string[];
+  users?: readonly string[] | undefined;
+  refreshTokens?: boolean | undefined;
+}
+
+const integrationPattern = /^[a-z0-9][a-z0-9._-]{0,63}$/;
+
+/** Checks a policy spec and turns it into columns. */
+export function policyColumns(spec: PolicySpec): CallerPolicyColumns {
+  const unknown = spec.allow.filter((rpc) => !(rpcNames as readonly string[]).includes(rpc));
+  if (unknown.length > 0) throw new CallerAdminError(`unknown RPC ${unknown.join(", ")}: use ${rpcNames.join(", ")}`);
+  if (spec.allow.length === 0) throw new CallerAdminError(`a caller must be allowed at least one RPC (${rpcNames.join(", ")})`);
+  const badIntegration = spec.integrations.find((i) => i !== "*" && !integrationPattern.test(i));
+  if (badIntegration !== undefined) throw new CallerAdminError(`integration "${badIntegration}" is not a valid name (or '*')`);
+  if (spec.integrations.length === 0) throw new CallerAdminError("a caller must be allowed at least one integration (or '*')");
+  const users = spec.users === undefined || spec.users.length === 0 ? null : [...spec.users];
+  if (users?.some((u) => u === "" || u === "*")) throw new CallerAdminError("users must be user ids or prefixes like 'tenant-a/*'; omit it for every user");
+  return {
+    allowedRpcs: [...new Set(spec.allow)],
+    allowedIntegrations: [...new Set(spec.integrations)],
+    allowedUsers: users,
+    mayReceiveRefreshToken: spec.refreshTokens === true,
+  };
+}
+
+function checkName(name: string): void {
+  if (!callerNamePattern.test(name)) {
+    throw new CallerAdminError(`caller name "${name}" is invalid: 1..64 of a-z, 0-9, '.', '_' or '-', starting with a letter or digit`);
+  }
+}
+
+/** Creates a caller with a fresh secret; returns the row and the secret (shown once). */
+export async function addCaller(pool: Pool, name: string, spec: PolicySpec): Promise<{ caller: CallerRow; secret: string }> {
+  checkName(name);
+  const columns = policyColumns(spec);
+  return withTransaction(pool, async (client) => {
+    if ((await selectCallerByName(client, name)) !== undefined) throw new CallerAdminError(`caller "${name}" exists already`);
+    const caller = await insertCaller(client, name, columns);
+    const { secret, hash } = newSecret(caller.id);
+    await updateCallerSecret(client, caller.id, hash);
+    return { caller, secret };
+  });
+}
+
+/** Gives a caller a new secret; the old one stops working at once. */
+export async function rotateCallerSecret(pool: Pool, name: string): Promise<string> {
+  const caller = await selectCallerByName(pool, name);
+  if (caller === undefined || caller.revoked_at !== null) throw new CallerAdminError(`no active caller named "${name}"`);
+  const { secret, hash } = newSecret(caller.id);
+  await updateCallerSecret(pool, caller.id, hash);
+  return secret;
+}
+
+/** Revokes a caller: its secret and certificate binding stop working. */
+export async function revoke(pool: Pool, name: string): Promise<void> {
+  if (!(await revokeCaller(pool, name))) throw new CallerAdminError(`no active caller named "${name}"`);
+}
+
+/** Binds a client-certificate identity (SAN URI, DNS name or CN) to a caller. */
+export async function bindCertificate(pool: Pool, name: string, identity: string): Promise<void> {
+  if (identity.trim() === "" || identity.length > 1024) throw new CallerAdminError("the certificate identity must be 1..1024 characters");
+  try {
+    if (!(await updateCallerCertIdentity(pool, name, identity))) throw new CallerAdminError(`no caller named "${name}"`);
+  } catch (err) {
+    if ((err as { code?: string }).code === "23505") throw new CallerAdminError(`identity "${identity}" is bound to another caller already`);
+    throw err;
+  }
+}
+
+/** A declarative callers file: `{"callers": {"billing": {"allow": [...], "integrations": [...]}}}`. */
+export interface CallersFile {
+  callers: Record<string, PolicySpec & { certIdentity?: string }>;
+}
+
+/** What `callers apply` did. */
+export interface ApplyResult {
+  created: { name: string; secret: string }[];
+  updated: string[];
+  revoked: string[];
+}
+
+/**
+ * Makes the callers table match the file: creates missing callers (returning
+ * their secrets, to show once), updates the policy of existing ones, and
+ * revokes active callers the file does not name. One transaction: all or nothing.
+ */
+export async function applyCallers(pool: Pool, file: CallersFile): Promise<ApplyResult> {
+  const entries = Object.entries(file.callers ?? {});
+  for (const [name, spec] of entries) {
+    checkName(name);
+    policyColumns(spec);
+  }
+  return withTransaction(pool, async (client) => {
+    const existing = new Map((await selectCallers(client)).map((c) => [c.name, c]));
+    const result: ApplyResult = { created: [], updated: [], revoked: [] };
+    for (const [name, spec] of entries) {
+      const columns = policyColumns(spec);
+      if (existing.has(name)) {
+        await updateCallerPolicy(client, name, columns);
+        result.updated.push(name);
+      } else {
+        const caller = await insertCaller(client, name, columns);
+        const { secret, hash } = newSecret(caller.id);
+        await updateCallerSecret(client, caller.id, hash);
+        result.created.push({ name, secret });
+      }
+      if (spec.certIdentity !== undefined) await updateCallerCertIdentity(client, name, spec.certIdentity);
+    }
+    for (const [name, row] of existing) {
+      if (row.revoked_at === null && !(name in file.callers)) {
+        await revokeCaller(client, name);
+        result.revoked.push(name);
+      }
+    }
+    return result;
+  });
+}
+
+/** Reads and checks the shape of a callers file (JSON). */
+export function readCallersFile(filePath: string): CallersFile {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(readFileSync(filePath, "utf8"));
+  } catch (err) {
+    throw new CallerAdminError(`cannot read ${filePath} as JSON: ${(err as Error).message}`);
+  }
+  const callers = (parsed as { callers?: unknown } | null)?.callers;
+  if (typeof callers !== "object" || callers === null || Array.isArray(callers)) {
+    throw new CallerAdminError(`${filePath} must hold {"callers": {"<name>": {"allow": [...], "integrations": [...]}}}`);
+  }
+  for (const [name, spec] of Object.entries(callers)) {
+    const s = spec as Partial<PolicySpec>;
+    if (!Array.isArray(s?.allow) || !Array.isArray(s?.integrations)) {
+      throw new CallerAdminError(`caller "${name}" in ${filePath} needs "allow" and "integrations" lists`);
+    }
+  }
+  return parsed as CallersFile;
+}
+
+/** The development caller's name and where its secret is kept. */
+export const devCallerName = "dev";
+
+/**
+ * Development default (embedded database only): makes sure a `dev` caller with
+ * every permission exists and that its secret is in `dataDir/dev-caller-secret`
+ * (mode 0600). Returns the secret when it was just made (to show once).
+ */
+export async function ensureDevCaller(pool: Pool, dataDir: string): Promise<{ secretFile: string; newSecret: string | undefined }> {
+  const secretFile = path.join(dataDir, "dev-caller-secret");
+  const existing = await selectCallerByName(pool, devCallerName);
+  if (existing !== undefined && existing.revoked_at === null && existsSync(secretFile)) {
+    return { secretFile, newSecret: undefined };
+  }
+  const spec: PolicySpec = { allow: rpcNames, integrations: ["*"], refreshTokens: true };
+  let secret: string;
+  if (existing === undefined) {
+    secret = (await addCaller(pool, devCallerName, spec)).secret;
+  } else {
+    await updateCallerPolicy(pool, devCallerName, policyColumns(spec));
+    secret = await rotateCallerSecret(pool, devCallerName);
+  }
+  writeFileSync(secretFile, secret + "\n", { mode: 0o600 });
+  return { secretFile, newSecret: secret };
+}

@@ -1,0 +1,61 @@
+/**
+ * Enforcement, in one interceptor for every RPC: who is calling (bearer secret,
+ * else verified client certificate), and may they make this call? It runs
+ * before any handler, so a denied call reads and writes nothing.
+ *
+ * - No or invalid credential: UNAUTHENTICATED, one message whatever the cause
+ *   (unknown caller, wrong or rotated secret, revoked caller, unbound certificate),
+ *   so the answer reveals nothing about which callers exist.
+ * - A valid caller outside its policy: PERMISSION_DENIED naming what is missing.
+ */
+import { Code, ConnectError, createContextKey, type Interceptor } from "@connectrpc/connect";
+import type { CallerRegistry } from "./caller-registry.js";
+import { bearerToken } from "./credentials.js";
+import { denial, type Caller } from "./policy.js";
+
+/** The authenticated caller of the current call; set by the interceptor. */
+export const callerKey = createContextKey<Caller | undefined>(undefined, { description: "tokenvault caller" });
+
+/** The identity of the verified client certificate, when the connection has one; set per request by the server. */
+export const clientCertIdentityKey = createContextKey<string | undefined>(undefined, { description: "client certificate identity" });
+
+/** Options of {@link authInterceptor}. */
+export interface AuthOptions {
+  registry: CallerRegistry;
+  /** Services that need no credential (health checks, reflection), by full name. */
+  openServices: ReadonlySet<string>;
+}
+
+const unauthenticated = () =>
+  new ConnectError(
+    "missing or invalid credentials: send 'authorization: Bearer <secret>' or a client certificate bound to a caller",
+    Code.Unauthenticated,
+  );
+
+/** Creates the enforcing interceptor. */
+export function authInterceptor(options: AuthOptions): Interceptor {
+  return (next) => async (req) => {
+    if (options.openServices.has(req.service.typeName)) return next(req);
+    const secret = bearerToken(req.header.get("authorization"));
+    const certIdentity = req.contextValues.get(clientCertIdentityKey);
+    // A presented secret must be valid: a bad one is not rescued by a certificate.
+    const caller = secret !== undefined
+      ? options.registry.bySecret(secret)
+      : certIdentity !== undefined
+        ? options.registry.byCertIdentity(certIdentity)
+        : undefined;
+    if (caller === undefined) throw unauthenticated();
+    req.contextValues.set(callerKey, caller);
+
+    // The request fields policy looks at have the same names in every request message.
+    const message = req.stream ? undefined : (req.message as { userId?: unknown; integration?: unknown; includeRefreshToken?: unknown });
+    const reason = denial(caller, {
+      rpc: req.method.name,
+      userId: typeof message?.userId === "string" ? message.userId : undefined,
+      integration: typeof message?.integration === "string" ? message.integration : undefined,
+      wantsRefreshToken: message?.includeRefreshToken === true,
+    });
+    if (reason !== undefined) throw new ConnectError(reason, Code.PermissionDenied);
+    return next(req);
+  };
+}
