@@ -41,6 +41,14 @@ export async function startEmbeddedPostgres(dataDir: string, port: number, logge
     password = randomBytes(24).toString("base64url");
     writeFileSync(passwordFile, password + "\n", { mode: 0o600 });
   }
+  // Another tokenvault process (e.g. `npm start`) may run this server already:
+  // CLI commands then use it instead of failing to start a second postmaster.
+  const running = initialised ? runningPostmasterPort(pgdata) : undefined;
+  if (running !== undefined) {
+    const base = `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${running}`;
+    logger.debug({ port: running }, "using the embedded PostgreSQL another process runs");
+    return { url: `${base}/tokenvault`, adminUrl: `${base}/postgres`, port: running, stop: async () => {} };
+  }
   const chosenPort = port === 0 ? await freePort() : port;
   const EmbeddedPostgres = await loadEmbeddedPostgres();
   const server = new EmbeddedPostgres({
@@ -84,6 +92,28 @@ export async function startEmbeddedPostgres(dataDir: string, port: number, logge
       await server.stop();
     },
   };
+}
+
+/**
+ * The port of a live postmaster on `pgdata`, read from postmaster.pid (line 1:
+ * pid, line 4: port), or undefined when none runs.
+ */
+function runningPostmasterPort(pgdata: string): number | undefined {
+  let lines: string[];
+  try {
+    lines = readFileSync(path.join(pgdata, "postmaster.pid"), "utf8").split("\n");
+  } catch {
+    return undefined;
+  }
+  const pid = Number(lines[0]);
+  const port = Number(lines[3]);
+  if (!Number.isInteger(pid) || pid <= 0 || !Number.isInteger(port) || port <= 0) return undefined;
+  try {
+    process.kill(pid, 0); // signal 0: only asks whether the process exists
+    return port;
+  } catch {
+    return undefined; // stale file from a crash: PostgreSQL itself cleans it up on start
+  }
 }
 
 /**
