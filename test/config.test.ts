@@ -40,6 +40,8 @@ describe("defaults", () => {
       port: 50051,
       tls: undefined,
       keySource: { kind: "development", path: path.join(dataDir, "dev-keys.json") },
+      openServices: new Set(["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"]),
+      callersReloadMs: 5_000,
       migrateOnStart: true,
       logLevel: "info",
       maxMessageBytes: 262144,
@@ -73,6 +75,10 @@ describe("valid settings", () => {
       TOKENVAULT_PORT: "8443",
       TOKENVAULT_TLS_CERT_FILE: "tls/cert.pem",
       TOKENVAULT_TLS_KEY_FILE: "/etc/tv/key.pem",
+      TOKENVAULT_TLS_CLIENT_CA_FILE: "tls/clients-ca.pem",
+      TOKENVAULT_OPEN_HEALTH: "yes",
+      TOKENVAULT_OPEN_REFLECTION: "off",
+      TOKENVAULT_CALLERS_RELOAD_MS: "250",
       TOKENVAULT_MIGRATE_ON_START: "off",
       TOKENVAULT_LOG_LEVEL: "warn",
       TOKENVAULT_MAX_MESSAGE_BYTES: "1048576",
@@ -86,8 +92,10 @@ describe("valid settings", () => {
       embeddedPostgresPort: 5433,
       host: "0.0.0.0",
       port: 8443,
-      tls: { certFile: path.resolve("tls/cert.pem"), keyFile: "/etc/tv/key.pem" },
+      tls: { certFile: path.resolve("tls/cert.pem"), keyFile: "/etc/tv/key.pem", clientCaFile: path.resolve("tls/clients-ca.pem") },
       keySource: { kind: "env", value: productionBase.TOKENVAULT_KEYS },
+      openServices: new Set(["grpc.health.v1.Health"]),
+      callersReloadMs: 250,
       migrateOnStart: false,
       logLevel: "warn",
       maxMessageBytes: 1048576,
@@ -112,6 +120,63 @@ describe("valid settings", () => {
     expect(loadConfig({ DATABASE_URL: "postgresql://u@h/db" }).databaseUrl).toBe("postgresql://u@h/db");
     expect(loadConfig({ TOKENVAULT_PORT: "0" }).port).toBe(0);
     expect(loadConfig({ TOKENVAULT_PORT: "65535" }).port).toBe(65535);
+  });
+});
+
+describe("caller authentication settings", () => {
+  const health = "grpc.health.v1.Health";
+  const reflection = "grpc.reflection.v1.ServerReflection";
+
+  it("TLS without a client CA has clientCaFile undefined; a blank client CA counts as unset", () => {
+    const tls = { TOKENVAULT_TLS_CERT_FILE: "c.pem", TOKENVAULT_TLS_KEY_FILE: "k.pem" };
+    expect(loadConfig(tls).tls).toEqual({ certFile: path.resolve("c.pem"), keyFile: path.resolve("k.pem"), clientCaFile: undefined });
+    expect(loadConfig({ ...tls, TOKENVAULT_TLS_CLIENT_CA_FILE: "  " }).tls?.clientCaFile).toBeUndefined();
+  });
+
+  it("TOKENVAULT_TLS_CLIENT_CA_FILE with TLS is resolved to an absolute path", () => {
+    const config = loadConfig({ TOKENVAULT_TLS_CERT_FILE: "c.pem", TOKENVAULT_TLS_KEY_FILE: "k.pem", TOKENVAULT_TLS_CLIENT_CA_FILE: "ca/clients.pem" });
+    expect(config.tls?.clientCaFile).toBe(path.resolve("ca/clients.pem"));
+  });
+
+  it("TOKENVAULT_TLS_CLIENT_CA_FILE without a TLS certificate and key is a ConfigError naming it", () => {
+    const err = configError({ TOKENVAULT_TLS_CLIENT_CA_FILE: "ca.pem" });
+    expect(err.message).toContain("TOKENVAULT_TLS_CLIENT_CA_FILE");
+    expect(err.message).toContain("TOKENVAULT_TLS_CERT_FILE");
+    expect(err.message).not.toContain("\n");
+    // In production too: mutual TLS is never silently off.
+    expect(configError({ ...productionBase, TOKENVAULT_TLS_CLIENT_CA_FILE: "/etc/tv/ca.pem" }).message).toContain("TOKENVAULT_TLS_CLIENT_CA_FILE");
+  });
+
+  it.each([
+    [{ TOKENVAULT_OPEN_HEALTH: "false" }, [reflection]],
+    [{ TOKENVAULT_OPEN_REFLECTION: "0" }, [health]],
+    [{ TOKENVAULT_OPEN_HEALTH: "no", TOKENVAULT_OPEN_REFLECTION: "OFF" }, []],
+    [{ TOKENVAULT_OPEN_HEALTH: "true", TOKENVAULT_OPEN_REFLECTION: "1" }, [health, reflection]],
+    [{ TOKENVAULT_OPEN_HEALTH: " ", TOKENVAULT_OPEN_REFLECTION: "" }, [health, reflection]],
+  ] as [Env, string[]][])("%o opens exactly %o", (env, open) => {
+    const config = loadConfig(env);
+    expect([...config.openServices].sort()).toEqual([...open].sort());
+    // The vault's own service is never open.
+    expect(config.openServices.has("tokenvault.v1.TokenVaultService")).toBe(false);
+  });
+
+  it("the open-service switches in production are the same", () => {
+    expect([...loadConfig({ ...productionBase, TOKENVAULT_OPEN_HEALTH: "false" }).openServices]).toEqual([reflection]);
+  });
+
+  it.each([
+    ["100", 100],
+    ["600000", 600_000],
+    ["5000", 5_000],
+  ])("TOKENVAULT_CALLERS_RELOAD_MS=%s is %i", (raw, expected) => {
+    expect(loadConfig({ TOKENVAULT_CALLERS_RELOAD_MS: raw }).callersReloadMs).toBe(expected);
+  });
+
+  it.each(["99", "0", "600001", "-1", "5s", "1e3", "2.5"])("TOKENVAULT_CALLERS_RELOAD_MS=%s is a ConfigError naming it and its range", (raw) => {
+    const err = configError({ TOKENVAULT_CALLERS_RELOAD_MS: raw });
+    expect(err.message).toContain("TOKENVAULT_CALLERS_RELOAD_MS");
+    expect(err.message).toContain("100 to 600000");
+    expect(err.message).toContain(`"${raw}"`);
   });
 });
 
@@ -160,6 +225,11 @@ describe("invalid values are a ConfigError naming the variable", () => {
     ["not a URL", { DATABASE_URL: "just some words" }, ["DATABASE_URL"]],
     ["bad log level", { TOKENVAULT_LOG_LEVEL: "verbose" }, ["TOKENVAULT_LOG_LEVEL"]],
     ["upper-case log level", { TOKENVAULT_LOG_LEVEL: "INFO" }, ["TOKENVAULT_LOG_LEVEL"]],
+    ["client CA without TLS", { TOKENVAULT_TLS_CLIENT_CA_FILE: "ca.pem" }, ["TOKENVAULT_TLS_CLIENT_CA_FILE"]],
+    ["client CA with only the TLS key", { TOKENVAULT_TLS_KEY_FILE: "k.pem", TOKENVAULT_TLS_CLIENT_CA_FILE: "ca.pem" }, ["TOKENVAULT_TLS_CERT_FILE", "TOKENVAULT_TLS_KEY_FILE"]],
+    ["open health maybe", { TOKENVAULT_OPEN_HEALTH: "maybe" }, ["TOKENVAULT_OPEN_HEALTH"]],
+    ["open reflection 2", { TOKENVAULT_OPEN_REFLECTION: "2" }, ["TOKENVAULT_OPEN_REFLECTION"]],
+    ["callers reload below 100 ms", { TOKENVAULT_CALLERS_RELOAD_MS: "50" }, ["TOKENVAULT_CALLERS_RELOAD_MS"]],
   ];
 
   it.each(cases)("%s", (_name, env, names) => {
@@ -177,7 +247,7 @@ describe("invalid values are a ConfigError naming the variable", () => {
 
 describe("the result", () => {
   it("is frozen, and so is its TLS setting", () => {
-    const config = loadConfig({ TOKENVAULT_TLS_CERT_FILE: "c.pem", TOKENVAULT_TLS_KEY_FILE: "k.pem" });
+    const config = loadConfig({ TOKENVAULT_TLS_CERT_FILE: "c.pem", TOKENVAULT_TLS_KEY_FILE: "k.pem", TOKENVAULT_TLS_CLIENT_CA_FILE: "ca.pem" });
     expect(Object.isFrozen(config)).toBe(true);
     expect(Object.isFrozen(config.tls)).toBe(true);
     // ESM is strict mode: writing a frozen property throws.
@@ -186,6 +256,12 @@ describe("the result", () => {
     }).toThrow(TypeError);
     expect(() => {
       (config.tls as { certFile: string }).certFile = "/tmp/other.pem";
+    }).toThrow(TypeError);
+    expect(() => {
+      (config.tls as { clientCaFile: string }).clientCaFile = "/tmp/other-ca.pem";
+    }).toThrow(TypeError);
+    expect(() => {
+      (config as { callersReloadMs: number }).callersReloadMs = 1;
     }).toThrow(TypeError);
     expect(config.port).toBe(50051);
   });
@@ -224,6 +300,9 @@ describe("a DATABASE_URL password never appears in a ConfigError", () => {
     { TOKENVAULT_DB_POOL_MAX: "0" },
     { TOKENVAULT_MAX_MESSAGE_BYTES: "1" },
     { TOKENVAULT_SHUTDOWN_GRACE_MS: "-5" },
+    { TOKENVAULT_TLS_CLIENT_CA_FILE: "ca.pem" },
+    { TOKENVAULT_OPEN_HEALTH: "maybe" },
+    { TOKENVAULT_CALLERS_RELOAD_MS: "1" },
   ];
 
   const assertClean = (err: ConfigError, url: string) => {

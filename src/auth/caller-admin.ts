@@ -5,7 +5,7 @@
  */
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
-import type { Pool } from "pg";
+import type { Pool, PoolClient } from "pg";
 import {
   insertCaller,
   revokeCaller,
@@ -89,13 +89,7 @@ export async function revoke(pool: Pool, name: string): Promise<void> {
 
 /** Binds a client-certificate identity (SAN URI, DNS name or CN) to a caller. */
 export async function bindCertificate(pool: Pool, name: string, identity: string): Promise<void> {
-  if (identity.trim() === "" || identity.length > 1024) throw new CallerAdminError("the certificate identity must be 1..1024 characters");
-  try {
-    if (!(await updateCallerCertIdentity(pool, name, identity))) throw new CallerAdminError(`no caller named "${name}"`);
-  } catch (err) {
-    if ((err as { code?: string }).code === "23505") throw new CallerAdminError(`identity "${identity}" is bound to another caller already`);
-    throw err;
-  }
+  if (!(await bindIdentity(pool, name, identity))) throw new CallerAdminError(`no caller named "${name}"`);
 }
 
 /** A declarative callers file: `{"callers": {"billing": {"allow": [...], "integrations": [...]}}}`. */
@@ -126,16 +120,20 @@ export async function applyCallers(pool: Pool, file: CallersFile): Promise<Apply
     const result: ApplyResult = { created: [], updated: [], revoked: [] };
     for (const [name, spec] of entries) {
       const columns = policyColumns(spec);
-      if (existing.has(name)) {
+      const row = existing.get(name);
+      if (row !== undefined && row.revoked_at === null) {
+        const changed = !samePolicy(row, columns) || (spec.certIdentity !== undefined && spec.certIdentity !== row.cert_identity);
         await updateCallerPolicy(client, name, columns);
-        result.updated.push(name);
+        if (changed) result.updated.push(name);
       } else {
-        const caller = await insertCaller(client, name, columns);
+        // A new caller, or a revoked one brought back: either way it gets a
+        // fresh secret, so a secret that was revoked never works again.
+        const caller = row === undefined ? await insertCaller(client, name, columns) : (await updateCallerPolicy(client, name, columns))!;
         const { secret, hash } = newSecret(caller.id);
         await updateCallerSecret(client, caller.id, hash);
         result.created.push({ name, secret });
       }
-      if (spec.certIdentity !== undefined) await updateCallerCertIdentity(client, name, spec.certIdentity);
+      if (spec.certIdentity !== undefined) await bindIdentity(client, name, spec.certIdentity);
     }
     for (const [name, row] of existing) {
       if (row.revoked_at === null && !(name in file.callers)) {
@@ -145,6 +143,29 @@ export async function applyCallers(pool: Pool, file: CallersFile): Promise<Apply
     }
     return result;
   });
+}
+
+/** Whether a stored caller already has exactly these policy columns. */
+function samePolicy(row: CallerRow, columns: CallerPolicyColumns): boolean {
+  const sameSet = (a: readonly string[] | null, b: readonly string[] | null) =>
+    a === null || b === null ? a === b : a.length === b.length && a.every((x) => b.includes(x));
+  return (
+    sameSet(row.allowed_rpcs, columns.allowedRpcs) &&
+    sameSet(row.allowed_integrations, columns.allowedIntegrations) &&
+    sameSet(row.allowed_users, columns.allowedUsers) &&
+    row.may_receive_refresh_token === columns.mayReceiveRefreshToken
+  );
+}
+
+/** Binds an identity, saying which identity is taken rather than quoting the constraint. */
+async function bindIdentity(db: Pool | PoolClient, name: string, identity: string): Promise<boolean> {
+  if (identity.trim() === "" || identity.length > 1024) throw new CallerAdminError("the certificate identity must be 1..1024 characters");
+  try {
+    return await updateCallerCertIdentity(db, name, identity);
+  } catch (err) {
+    if ((err as { code?: string }).code === "23505") throw new CallerAdminError(`identity "${identity}" is bound to another caller already`);
+    throw err;
+  }
 }
 
 /** Reads and checks the shape of a callers file (JSON). */
@@ -159,11 +180,20 @@ export function readCallersFile(filePath: string): CallersFile {
   if (typeof callers !== "object" || callers === null || Array.isArray(callers)) {
     throw new CallerAdminError(`${filePath} must hold {"callers": {"<name>": {"allow": [...], "integrations": [...]}}}`);
   }
+  const known = new Set(["allow", "integrations", "users", "refreshTokens", "certIdentity"]);
+  const isStringList = (v: unknown) => Array.isArray(v) && v.every((x) => typeof x === "string");
   for (const [name, spec] of Object.entries(callers)) {
-    const s = spec as Partial<PolicySpec>;
-    if (!Array.isArray(s?.allow) || !Array.isArray(s?.integrations)) {
-      throw new CallerAdminError(`caller "${name}" in ${filePath} needs "allow" and "integrations" lists`);
+    const where = `caller "${name}" in ${filePath}`;
+    if (typeof spec !== "object" || spec === null || Array.isArray(spec)) throw new CallerAdminError(`${where} must be an object`);
+    const s = spec as Record<string, unknown>;
+    const stray = Object.keys(s).find((k) => !known.has(k));
+    if (stray !== undefined) throw new CallerAdminError(`${where} has unknown field "${stray}" (use ${[...known].join(", ")})`);
+    if (!isStringList(s.allow) || !isStringList(s.integrations)) {
+      throw new CallerAdminError(`${where} needs "allow" and "integrations" lists of strings`);
     }
+    if (s.users !== undefined && !isStringList(s.users)) throw new CallerAdminError(`${where}: "users" must be a list of strings`);
+    if (s.refreshTokens !== undefined && typeof s.refreshTokens !== "boolean") throw new CallerAdminError(`${where}: "refreshTokens" must be true or false`);
+    if (s.certIdentity !== undefined && typeof s.certIdentity !== "string") throw new CallerAdminError(`${where}: "certIdentity" must be a string`);
   }
   return parsed as CallersFile;
 }

@@ -10,6 +10,7 @@
  */
 import { Code, ConnectError, createContextKey, type Interceptor } from "@connectrpc/connect";
 import type { CallerRegistry } from "./caller-registry.js";
+import { TokenVaultService } from "../gen/tokenvault/v1/tokenvault_pb.js";
 import { bearerToken } from "./credentials.js";
 import { denial, type Caller } from "./policy.js";
 
@@ -36,16 +37,22 @@ const unauthenticated = () =>
 export function authInterceptor(options: AuthOptions): Interceptor {
   return (next) => async (req) => {
     if (options.openServices.has(req.service.typeName)) return next(req);
-    const secret = bearerToken(req.header.get("authorization"));
+    const authorization = req.header.get("authorization");
     const certIdentity = req.contextValues.get(clientCertIdentityKey);
-    // A presented secret must be valid: a bad one is not rescued by a certificate.
-    const caller = secret !== undefined
-      ? options.registry.bySecret(secret)
-      : certIdentity !== undefined
-        ? options.registry.byCertIdentity(certIdentity)
-        : undefined;
+    // A presented authorization header is the credential: a bad or malformed
+    // one is not rescued by a certificate.
+    let caller: Caller | undefined;
+    if (authorization !== null) {
+      const secret = bearerToken(authorization);
+      caller = secret === undefined ? undefined : options.registry.bySecret(secret);
+    } else if (certIdentity !== undefined) {
+      caller = options.registry.byCertIdentity(certIdentity);
+    }
     if (caller === undefined) throw unauthenticated();
     req.contextValues.set(callerKey, caller);
+
+    // Health and reflection, when not open, need only a valid caller.
+    if (req.service.typeName !== TokenVaultService.typeName) return next(req);
 
     // The request fields policy looks at have the same names in every request message.
     const message = req.stream ? undefined : (req.message as { userId?: unknown; integration?: unknown; includeRefreshToken?: unknown });

@@ -31,6 +31,9 @@ export async function migrate(databaseUrl: string, options: MigrateOptions): Pro
     count: options.count ?? (options.direction === "up" ? Infinity : 1),
     checkOrder: true,
     singleTransaction: true,
+    // Replicas starting together (or a CLI command beside a starting serve)
+    // queue on the lock instead of failing.
+    advisoryLockMode: "wait",
     verbose: false,
     log: (message) => options.logger?.debug({ migration: message }, "migration"),
   });

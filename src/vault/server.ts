@@ -129,7 +129,8 @@ export function buildServer(options: ServerOptions): VaultServer {
       onHttp1Request,
     );
     secure.on("session", trackSession);
-    secure.on("secureConnection", (socket: TLSSocket) => {
+    // Prepended so a refused certificate ends the socket before HTTP sees a request.
+    secure.prependListener("secureConnection", (socket: TLSSocket) => {
       // A certificate that does not verify (another CA, expired) ends the
       // connection at once, as a strict handshake would.
       if (clientCa !== undefined && !socket.authorized && Object.keys(socket.getPeerCertificate()).length > 0) {

@@ -1,22 +1,34 @@
 /**
  * The operator commands as child processes: `migrate up|down|status`,
- * `keys generate|status|rotate`, and usage errors.
+ * `keys generate|status|rotate`, and usage errors. (`callers ...`: callers.test.ts.)
  */
 import { chmodSync, existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { createClient } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
-import { TokenVaultService } from "../../src/gen/tokenvault/v1/tokenvault_pb.js";
 import { KeyRing } from "../../src/crypto/key-ring.js";
 import { createTestDatabase, type TestDatabase } from "../helpers/db.js";
 import { secretMarker, secretToken } from "../helpers/secrets.js";
 import { startVault } from "../helpers/server.js";
-import { cleanupCli, cliEnv, linesContaining, newKey, runCli, startServe, tempDir, type TestKey } from "./helpers.js";
+import {
+  addCallerWithCli,
+  cleanupCli,
+  cliEnv,
+  linesContaining,
+  newKey,
+  outcome,
+  printed,
+  runCli,
+  startServe,
+  tempDir,
+  vaultClient,
+  type TestKey,
+} from "./helpers.js";
 
 const databases: TestDatabase[] = [];
 /** Key material handed to processes that must never print it (generate prints its own new key by design). */
 const secretKeys: string[] = [];
+/** Caller secrets: only the `callers add` that made one may print it. */
+const callerSecrets: string[] = [];
 
 async function database(): Promise<TestDatabase> {
   const db = await createTestDatabase();
@@ -34,11 +46,6 @@ function env(settings: Record<string, string | undefined> = {}) {
   return cliEnv({ TOKENVAULT_LOG_LEVEL: "info", TOKENVAULT_DATA_DIR: tempDir(), ...settings });
 }
 
-/** Stdout lines that are not JSON log lines. */
-function printed(stdout: string): string[] {
-  return stdout.split("\n").filter((l) => l !== "" && !l.startsWith("{"));
-}
-
 async function tableExists(db: TestDatabase, table: string): Promise<boolean> {
   const r = await db.pool.query<{ present: boolean }>("select to_regclass($1::text) is not null as present", [table]);
   return r.rows[0]!.present;
@@ -52,14 +59,15 @@ afterAll(async () => {
 describe("migrate", () => {
   const applied = (name: string) => new RegExp(`^applied  ${name}  \\d{4}-\\d\\d-\\d\\dT\\d\\d:\\d\\d:\\d\\d\\.\\d{3}Z$`);
 
-  it("status on a fresh clone lists both migrations as applied", async () => {
+  it("status on a fresh clone lists every migration as applied", async () => {
     const db = await database();
     const result = await runCli(["migrate", "status"], env({ DATABASE_URL: db.url }));
     expect(result.code, result.stderr).toBe(0);
     const lines = printed(result.stdout);
-    expect(lines).toHaveLength(2);
+    expect(lines).toHaveLength(3);
     expect(lines[0]).toMatch(applied("0001_connections"));
     expect(lines[1]).toMatch(applied("0002_encryption_keys"));
+    expect(lines[2]).toMatch(applied("0003_callers"));
   });
 
   it("down reverts the last migration, status shows it pending, up applies it again", async () => {
@@ -68,24 +76,28 @@ describe("migrate", () => {
 
     const down = await runCli(["migrate", "down"], e);
     expect(down.code, down.stderr).toBe(0);
-    expect(printed(down.stdout)).toEqual(["reverted  0002_encryption_keys"]);
-    expect(await tableExists(db, "encryption_keys")).toBe(false);
-    expect(await tableExists(db, "connections")).toBe(true);
+    expect(printed(down.stdout)).toEqual(["reverted  0003_callers"]);
+    expect(await tableExists(db, "callers")).toBe(false);
+    expect(await tableExists(db, "encryption_keys")).toBe(true);
+    // The down migration takes its trigger function with it.
+    const fn = await db.pool.query("select 1 from pg_proc where proname = 'notify_callers_changed'");
+    expect(fn.rowCount).toBe(0);
 
     const pending = await runCli(["migrate", "status"], e);
     expect(pending.code, pending.stderr).toBe(0);
     const lines = printed(pending.stdout);
-    expect(lines).toHaveLength(2);
+    expect(lines).toHaveLength(3);
     expect(lines[0]).toMatch(applied("0001_connections"));
-    expect(lines[1]).toBe("pending  0002_encryption_keys");
+    expect(lines[1]).toMatch(applied("0002_encryption_keys"));
+    expect(lines[2]).toBe("pending  0003_callers");
 
     const up = await runCli(["migrate", "up"], e);
     expect(up.code, up.stderr).toBe(0);
-    expect(printed(up.stdout)).toEqual(["applied  0002_encryption_keys"]);
-    expect(await tableExists(db, "encryption_keys")).toBe(true);
+    expect(printed(up.stdout)).toEqual(["applied  0003_callers"]);
+    expect(await tableExists(db, "callers")).toBe(true);
 
     const again = await runCli(["migrate", "status"], e);
-    expect(printed(again.stdout).map((l) => l.split("  ")[0])).toEqual(["applied", "applied"]);
+    expect(printed(again.stdout).map((l) => l.split("  ")[0])).toEqual(["applied", "applied", "applied"]);
 
     const nothing = await runCli(["migrate", "up"], e);
     expect(nothing.code).toBe(0);
@@ -146,10 +158,9 @@ describe("keys generate", () => {
     expect(readFileSync(file, "utf8")).toBe(before);
   });
 
-  // Fails today: see the report. main.ts loads (and validates) the whole
-  // configuration before every command, so in a production environment that has
-  // no key ring yet, the command that makes the first key is refused with a
-  // message telling the operator to run that very command.
+  // The command that makes the first key must not need the configuration it
+  // completes: a production environment without a key ring yet must not refuse
+  // it with a message telling the operator to run that very command.
   it("works in a production environment that has no key ring yet", async () => {
     const db = await database();
     const result = await runCli(["keys", "generate"], env({ NODE_ENV: "production", DATABASE_URL: db.url }));
@@ -213,10 +224,9 @@ describe("keys status and rotate", () => {
     expect(statusRows(two.stdout)).toEqual({ k2: [0, "sealing, in ring"], k1: [3, "in ring"] });
   });
 
-  // Fails today: see the report. keysCommand runs verifyKeyRing before
-  // `status`, which throws for a key id in use that the ring lacks, so the
-  // "MISSING FROM RING" mark (README: "marking ... ids missing from the ring")
-  // can never be printed: the diagnostic fails exactly when it is needed.
+  // `status` must not verify the ring first: verifyKeyRing throws for a key id
+  // in use that the ring lacks, and the "MISSING FROM RING" mark (README:
+  // "marking ... ids missing from the ring") is needed exactly then.
   it("keys status marks a key id that seals rows but is missing from the ring", async () => {
     const db = await database();
     const k1 = key("k1");
@@ -251,9 +261,13 @@ describe("keys status and rotate", () => {
     expect(printed(again.stdout)).toEqual([expect.stringMatching(/^rotation done: 0 rows resealed under "k2"/)]);
 
     // k1 can now be retired: a server with only k2 starts and opens every row.
-    const server = await startServe(env({ DATABASE_URL: db.url, TOKENVAULT_KEYS: k2.entry, TOKENVAULT_PORT: "0" }));
+    const k2Only = env({ DATABASE_URL: db.url, TOKENVAULT_KEYS: k2.entry, TOKENVAULT_PORT: "0" });
+    const reader = await addCallerWithCli("rotation-reader", k2Only, "Get", "gmail");
+    callerSecrets.push(reader);
+    const server = await startServe(k2Only);
     try {
-      const client = createClient(TokenVaultService, createGrpcTransport({ baseUrl: server.baseUrl }));
+      const client = vaultClient(server.baseUrl, reader);
+      expect(await outcome(vaultClient(server.baseUrl, undefined).get({ userId: "rotate-user-0", integration: "gmail" }))).toBe("Unauthenticated");
       for (const [userId, accessToken] of tokens) {
         expect((await client.get({ userId, integration: "gmail" })).accessToken).toBe(accessToken);
       }
@@ -295,8 +309,10 @@ describe("usage errors", () => {
 });
 
 describe("secrets", () => {
-  it("no command printed a token or a key it was given", () => {
+  it("no command printed a token or a key it was given; only `callers add` printed a caller secret", () => {
     expect(secretKeys.length).toBeGreaterThan(0);
     expect(linesContaining([secretMarker, ...secretKeys])).toEqual([]);
+    expect(callerSecrets.length).toBeGreaterThan(0);
+    expect(linesContaining(callerSecrets).filter((l) => !l.startsWith("[tokenvault callers add "))).toEqual([]);
   });
 });

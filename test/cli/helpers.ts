@@ -10,6 +10,10 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import { TokenVaultService } from "../../src/gen/tokenvault/v1/tokenvault_pb.js";
+import { bearer } from "../helpers/server.js";
 
 /** The repository root (the CLI's working directory). */
 export const repoRoot = path.resolve(import.meta.dirname, "../..");
@@ -263,4 +267,48 @@ async function stop({ child, process: p }: Tracked): Promise<void> {
 export async function cleanupCli(): Promise<void> {
   await Promise.all(spawned.map(stop));
   for (const dir of tempDirs.splice(0)) rmSync(dir, { recursive: true, force: true });
+}
+
+/** A bearer secret as the CLI prints it: `tvs_<caller id>_<43 base64url characters>`. */
+export const callerSecretPattern = /^tvs_([1-9][0-9]*)_([A-Za-z0-9_-]{43})$/;
+
+/** Every RPC a policy can allow, as `--allow` takes them. */
+export const everyRpc = "Store,Get,Remove,ClearUser,ListConnections";
+
+/** Stdout lines that are not JSON log lines (what a command printed for people). */
+export function printed(stdout: string): string[] {
+  return stdout.split("\n").filter((l) => l !== "" && !l.startsWith("{"));
+}
+
+/**
+ * A Connect client (gRPC over h2c) of the vault at `baseUrl`, acting as the
+ * caller whose bearer secret is `secret` (no credential when undefined).
+ * Each client has a transport, i.e. connections, of its own.
+ */
+export function vaultClient(baseUrl: string, secret: string | undefined): Client<typeof TokenVaultService> {
+  return createClient(TokenVaultService, createGrpcTransport({ baseUrl, interceptors: secret === undefined ? [] : [bearer(secret)] }));
+}
+
+/** "ok" when `call` succeeds, else the name of its Connect code (e.g. "Unauthenticated"). */
+export async function outcome(call: Promise<unknown>): Promise<string> {
+  try {
+    await call;
+    return "ok";
+  } catch (err) {
+    return Code[ConnectError.from(err).code];
+  }
+}
+
+/**
+ * `tokenvault callers add NAME --allow ALLOW --integrations INTEGRATIONS` in
+ * `env`; returns the secret, the one line it printed. Throws with the output
+ * when the command fails or prints anything else on stdout.
+ */
+export async function addCallerWithCli(name: string, env: Record<string, string>, allow = everyRpc, integrations = "*"): Promise<string> {
+  const result = await runCli(["callers", "add", name, "--allow", allow, "--integrations", integrations], env);
+  const lines = printed(result.stdout);
+  if (result.code !== 0 || lines.length !== 1 || !callerSecretPattern.test(lines[0]!)) {
+    throw new Error(`callers add ${name} failed (${result.code}):\n--- stdout ---\n${result.stdout}\n--- stderr ---\n${result.stderr}`);
+  }
+  return lines[0]!;
 }

@@ -6,7 +6,9 @@
  * every connections row before and after each case). Then requests that are
  * not even messages: one over maxMessageBytes, random bytes in gRPC frames,
  * no framing at all, and garbage on the HTTP/1.1 side of the port; the
- * server answers each with an error and keeps serving.
+ * server answers each with an error and keeps serving. Every request, the raw
+ * ones included, carries the admin caller's secret, so what is refused is the
+ * input, never the caller (caller authentication is test/auth/).
  */
 import http from "node:http";
 import http2 from "node:http2";
@@ -28,7 +30,7 @@ import {
 } from "../../src/gen/tokenvault/v1/tokenvault_pb.js";
 import { createTestDatabase, type TestDatabase } from "../helpers/db.js";
 import { secretToken, testKeyRing } from "../helpers/secrets.js";
-import { startVault, type TestVault } from "../helpers/server.js";
+import { bearer, startVault, type TestVault } from "../helpers/server.js";
 
 const maxMessageBytes = 64 * 1024;
 
@@ -239,7 +241,10 @@ describe("every invalid field is INVALID_ARGUMENT naming it, and nothing changes
     const lone = "bad\ud800user";
     let jsonClient: Vault;
     beforeAll(() => {
-      jsonClient = createClient(TokenVaultService, createConnectTransport({ baseUrl: vault.baseUrl, httpVersion: "1.1", useBinaryFormat: false }));
+      jsonClient = createClient(
+        TokenVaultService,
+        createConnectTransport({ baseUrl: vault.baseUrl, httpVersion: "1.1", useBinaryFormat: false, interceptors: [bearer(vault.secret)] }),
+      );
     });
     it.each<BadCase>([
       { name: "Store", field: "user_id", call: (c) => c.store({ userId: lone, integration: victim.integration, tokenSet: { accessToken: secretToken() } }) },
@@ -414,8 +419,9 @@ describe("a connection the vault accepted can be read back", () => {
 
 /** A Get of the victim through brand-new connections (h2c and HTTP/1.1): the server still serves. */
 async function expectServing(): Promise<void> {
-  const grpc = createClient(TokenVaultService, createGrpcTransport({ baseUrl: vault.baseUrl }));
-  const connect = createClient(TokenVaultService, createConnectTransport({ baseUrl: vault.baseUrl, httpVersion: "1.1" }));
+  const interceptors = [bearer(vault.secret)];
+  const grpc = createClient(TokenVaultService, createGrpcTransport({ baseUrl: vault.baseUrl, interceptors }));
+  const connect = createClient(TokenVaultService, createConnectTransport({ baseUrl: vault.baseUrl, httpVersion: "1.1", interceptors }));
   for (const client of [grpc, connect]) {
     const got = await client.get({ ...victim, refresh: RefreshMode.NEVER });
     expect(got.accessToken).toBe(victimAccessToken);
@@ -429,7 +435,11 @@ interface RawGrpcResult {
   body: Buffer;
 }
 
-/** Sends `body` as a raw HTTP/2 request and reads the gRPC status from trailers (or trailers-only headers). */
+/**
+ * Sends `body` as a raw HTTP/2 request from the admin caller (so what is
+ * refused is the body, not the caller) and reads the gRPC status from
+ * trailers (or trailers-only headers).
+ */
 function rawGrpc(path: string, body: Buffer, contentType = "application/grpc"): Promise<RawGrpcResult> {
   return new Promise((resolve, reject) => {
     const session = http2.connect(vault.baseUrl);
@@ -441,7 +451,13 @@ function rawGrpc(path: string, body: Buffer, contentType = "application/grpc"): 
       clearTimeout(timer);
       reject(err);
     });
-    const req = session.request({ ":method": "POST", ":path": path, "content-type": contentType, te: "trailers" });
+    const req = session.request({
+      ":method": "POST",
+      ":path": path,
+      "content-type": contentType,
+      te: "trailers",
+      authorization: `Bearer ${vault.secret}`,
+    });
     let headers: http2.IncomingHttpHeaders = {};
     let trailers: http2.IncomingHttpHeaders = {};
     const chunks: Buffer[] = [];
@@ -496,6 +512,8 @@ describe("random bytes over raw HTTP/2 gRPC", () => {
     expect(res.httpStatus).toBe(200);
     expect(res.grpcStatus, "no grpc-status").toBeDefined();
     expect(res.grpcStatus).not.toBe("0");
+    // The request carried a valid credential: the body is what was refused.
+    expect(res.grpcStatus).not.toBe(String(Code.Unauthenticated));
     if (code !== undefined) expect(res.grpcStatus).toBe(code);
     expect(await snapshot()).toEqual(before);
     await expectServing();
@@ -565,7 +583,8 @@ describe("garbage on the HTTP/1.1 side of the port", () => {
     const before = await snapshot();
     for (const contentType of ["application/proto", "application/json"]) {
       const res = await new Promise<{ status: number; body: string }>((resolve, reject) => {
-        const req = http.request(`${vault.baseUrl}${storePath}`, { method: "POST", headers: { "content-type": contentType } }, (r) => {
+        const headers = { "content-type": contentType, authorization: `Bearer ${vault.secret}` };
+        const req = http.request(`${vault.baseUrl}${storePath}`, { method: "POST", headers }, (r) => {
           const chunks: Buffer[] = [];
           r.on("data", (c: Buffer) => chunks.push(c));
           r.on("end", () => resolve({ status: r.statusCode ?? 0, body: Buffer.concat(chunks).toString("utf8") }));
@@ -575,6 +594,8 @@ describe("garbage on the HTTP/1.1 side of the port", () => {
       });
       expect(res.status).toBeGreaterThanOrEqual(400);
       expect(JSON.parse(res.body)).toMatchObject({ code: expect.any(String) });
+      // Sent by the admin caller: the body is what was refused.
+      expect(JSON.parse(res.body).code).not.toBe("unauthenticated");
     }
     expect(await snapshot()).toEqual(before);
     await expectServing();

@@ -162,6 +162,8 @@ async function failure(promise: Promise<unknown>): Promise<grpc.ServiceError> {
 function callWithHeaders<T>(method: string, request: Record<string, unknown>, metadata = new grpc.Metadata()) {
   return new Promise<{ res: T; headers: grpc.Metadata }>((resolve, reject) => {
     let headers = new grpc.Metadata();
+    // client.raw bypasses the helper that adds the credential: send it as call metadata.
+    if (metadata.get("authorization").length === 0) metadata.set("authorization", `Bearer ${vault.secret}`);
     const call = client.raw[method]!(request, metadata, (err: grpc.ServiceError | null, res: T) =>
       err ? reject(err) : resolve({ res, headers }),
     ) as grpc.ClientUnaryCall;

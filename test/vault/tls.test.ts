@@ -4,7 +4,9 @@
  * keyFile}, and every kind of client a deployment sees: Connect over gRPC
  * (HTTP/2, ALPN h2), Connect and gRPC-Web over HTTP/1.1, and grpc-js with
  * createSsl. A cleartext client to the TLS port, and a client that trusts
- * another CA, are refused.
+ * another CA, are refused. Every client sends the admin caller's secret, so a
+ * refusal is the transport's, not the interceptor's (mutual TLS is
+ * test/auth/mtls.test.ts).
  */
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -18,7 +20,7 @@ import * as grpc from "@grpc/grpc-js";
 import { TokenVaultService } from "../../src/gen/tokenvault/v1/tokenvault_pb.js";
 import { createTestDatabase, type TestDatabase } from "../helpers/db.js";
 import { secretToken, testKeyRing } from "../helpers/secrets.js";
-import { grpcJsClient, startVault, type TestVault } from "../helpers/server.js";
+import { bearer, grpcJsClient, startVault, type TestVault } from "../helpers/server.js";
 
 let dir: string;
 let db: TestDatabase;
@@ -85,6 +87,13 @@ async function roundTrip(client: Client<typeof TokenVaultService>, userId: strin
   expect(got.scopes).toEqual(["openid"]);
 }
 
+/** Call metadata carrying the admin secret, as another language's client sends it. */
+function withSecret(): grpc.Metadata {
+  const md = new grpc.Metadata();
+  md.set("authorization", `Bearer ${vault.secret}`);
+  return md;
+}
+
 /** What a raw TLS handshake offering `alpn` negotiates with the server. */
 function handshake(alpn: string[]) {
   return new Promise<{ protocol: string | false | null; subjectaltname: string | undefined; authorized: boolean }>((resolve, reject) => {
@@ -113,22 +122,22 @@ describe("the certificate and ALPN", () => {
 
 describe("clients over TLS", () => {
   it("a Connect client over gRPC (HTTP/2) stores and gets a token", async () => {
-    const client = createClient(TokenVaultService, createGrpcTransport({ baseUrl: httpsUrl, nodeOptions: { ca } }));
+    const client = createClient(TokenVaultService, createGrpcTransport({ baseUrl: httpsUrl, nodeOptions: { ca }, interceptors: [bearer(vault.secret)] }));
     await roundTrip(client, "tls-grpc-user");
   });
 
   it("a Connect client over the Connect protocol on HTTP/1.1 stores and gets a token", async () => {
-    const client = createClient(TokenVaultService, createConnectTransport({ baseUrl: httpsUrl, httpVersion: "1.1", nodeOptions: { ca } }));
+    const client = createClient(TokenVaultService, createConnectTransport({ baseUrl: httpsUrl, httpVersion: "1.1", nodeOptions: { ca }, interceptors: [bearer(vault.secret)] }));
     await roundTrip(client, "tls-connect-user");
   });
 
   it("a Connect client over the Connect protocol on HTTP/2 stores and gets a token", async () => {
-    const client = createClient(TokenVaultService, createConnectTransport({ baseUrl: httpsUrl, httpVersion: "2", nodeOptions: { ca } }));
+    const client = createClient(TokenVaultService, createConnectTransport({ baseUrl: httpsUrl, httpVersion: "2", nodeOptions: { ca }, interceptors: [bearer(vault.secret)] }));
     await roundTrip(client, "tls-connect-h2-user");
   });
 
   it("a gRPC-Web client on HTTP/1.1 stores and gets a token", async () => {
-    const client = createClient(TokenVaultService, createGrpcWebTransport({ baseUrl: httpsUrl, httpVersion: "1.1", nodeOptions: { ca } }));
+    const client = createClient(TokenVaultService, createGrpcWebTransport({ baseUrl: httpsUrl, httpVersion: "1.1", nodeOptions: { ca }, interceptors: [bearer(vault.secret)] }));
     await roundTrip(client, "tls-grpcweb-user");
   });
 
@@ -164,7 +173,7 @@ describe("clients over TLS", () => {
 
 describe("refused", () => {
   it("a cleartext h2c client to the TLS port fails, and the server keeps serving TLS", async () => {
-    const h2c = createClient(TokenVaultService, createGrpcTransport({ baseUrl: `http://127.0.0.1:${vault.port}` }));
+    const h2c = createClient(TokenVaultService, createGrpcTransport({ baseUrl: `http://127.0.0.1:${vault.port}`, interceptors: [bearer(vault.secret)] }));
     const err = await h2c.listConnections({ userId: "tls-grpc-user" }, { timeoutMs: 5_000 }).then(
       () => undefined,
       (e: unknown) => ConnectError.from(e),
@@ -174,12 +183,12 @@ describe("refused", () => {
     // with a ClientHello, so the call does not run into its deadline.
     // (connect-node reports the session the server closed as CANCELED.)
     expect(Code[err!.code]).not.toBe(Code[Code.DeadlineExceeded]);
-    const client = createClient(TokenVaultService, createGrpcTransport({ baseUrl: httpsUrl, nodeOptions: { ca } }));
+    const client = createClient(TokenVaultService, createGrpcTransport({ baseUrl: httpsUrl, nodeOptions: { ca }, interceptors: [bearer(vault.secret)] }));
     expect((await client.listConnections({ userId: "tls-grpc-user" })).connections).toHaveLength(1);
   });
 
   it("a cleartext HTTP/1.1 Connect client to the TLS port fails", async () => {
-    const h1 = createClient(TokenVaultService, createConnectTransport({ baseUrl: `http://127.0.0.1:${vault.port}`, httpVersion: "1.1" }));
+    const h1 = createClient(TokenVaultService, createConnectTransport({ baseUrl: `http://127.0.0.1:${vault.port}`, httpVersion: "1.1", interceptors: [bearer(vault.secret)] }));
     const err = await h1.listConnections({ userId: "tls-grpc-user" }, { timeoutMs: 5_000 }).then(
       () => undefined,
       (e: unknown) => ConnectError.from(e),
@@ -191,7 +200,7 @@ describe("refused", () => {
   it("a cleartext grpc-js client to the TLS port fails with UNAVAILABLE", async () => {
     const client = grpcJsClient(vault.port, vault.secret);
     try {
-      const md = new grpc.Metadata();
+      const md = withSecret();
       const err = await new Promise<grpc.ServiceError | undefined>((resolve) => {
         client.raw["ListConnections"]!({ user_id: "tls-grpc-user" }, md, { deadline: Date.now() + 5_000 }, (e: grpc.ServiceError | null) =>
           resolve(e ?? undefined),
@@ -205,7 +214,7 @@ describe("refused", () => {
   });
 
   it("a client that trusts another CA is refused, so the certificate really is checked", async () => {
-    const client = createClient(TokenVaultService, createGrpcTransport({ baseUrl: httpsUrl, nodeOptions: { ca: otherCa } }));
+    const client = createClient(TokenVaultService, createGrpcTransport({ baseUrl: httpsUrl, nodeOptions: { ca: otherCa }, interceptors: [bearer(vault.secret)] }));
     const err = await client.listConnections({ userId: "tls-grpc-user" }, { timeoutMs: 5_000 }).then(
       () => undefined,
       (e: unknown) => ConnectError.from(e),
@@ -218,7 +227,7 @@ describe("refused", () => {
     const client = grpcJsClient(vault.port, vault.secret, grpc.credentials.createSsl(otherCa));
     try {
       const err = await new Promise<grpc.ServiceError | undefined>((resolve) => {
-        client.raw["ListConnections"]!({ user_id: "tls-grpc-user" }, new grpc.Metadata(), { deadline: Date.now() + 5_000 }, (e: grpc.ServiceError | null) =>
+        client.raw["ListConnections"]!({ user_id: "tls-grpc-user" }, withSecret(), { deadline: Date.now() + 5_000 }, (e: grpc.ServiceError | null) =>
           resolve(e ?? undefined),
         );
       });
