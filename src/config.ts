@@ -49,6 +49,37 @@ export interface Config {
   readonly dbPoolMax: number;
   /** How long graceful shutdown waits for in-flight calls before cutting them. */
   readonly shutdownGraceMs: number;
+  /** The audit log's group commit and live feed. */
+  readonly audit: AuditSettings;
+}
+
+/** The audit settings when no variable sets them. */
+export const defaultAuditSettings: AuditSettings = Object.freeze({
+  maxBatch: 256,
+  maxWaitMs: 0,
+  maxQueue: 10_000,
+  lockTimeoutMs: 5_000,
+  ringSize: 4_096,
+  pollMs: 1_000,
+  maxLag: 10_000,
+});
+
+/** Settings of the audit log (see src/audit/). */
+export interface AuditSettings {
+  /** Most events committed in one transaction. */
+  readonly maxBatch: number;
+  /** How long an idle writer waits for more events before committing (0: at once). */
+  readonly maxWaitMs: number;
+  /** Most events waiting for a commit; more are refused with UNAVAILABLE. */
+  readonly maxQueue: number;
+  /** A batch waiting longer than this for the chain's lock fails (and its calls with it). */
+  readonly lockTimeoutMs: number;
+  /** Recent events kept in memory for StreamAudit followers. */
+  readonly ringSize: number;
+  /** How often the head is re-read in case a notification was missed. */
+  readonly pollMs: number;
+  /** How far a caught-up follower may fall behind before its stream ends with RESOURCE_EXHAUSTED. */
+  readonly maxLag: number;
 }
 
 type Env = Readonly<Record<string, string | undefined>>;
@@ -132,6 +163,15 @@ export function loadConfig(env: Env = process.env): Config {
     maxMessageBytes: integer(env, "TOKENVAULT_MAX_MESSAGE_BYTES", 256 * 1024, 64 * 1024, 16 * 1024 * 1024),
     dbPoolMax: integer(env, "TOKENVAULT_DB_POOL_MAX", 10, 1, 1000),
     shutdownGraceMs: integer(env, "TOKENVAULT_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000),
+    audit: Object.freeze({
+      maxBatch: integer(env, "TOKENVAULT_AUDIT_MAX_BATCH", defaultAuditSettings.maxBatch, 1, 10_000),
+      maxWaitMs: integer(env, "TOKENVAULT_AUDIT_MAX_WAIT_MS", defaultAuditSettings.maxWaitMs, 0, 1_000),
+      maxQueue: integer(env, "TOKENVAULT_AUDIT_MAX_QUEUE", defaultAuditSettings.maxQueue, 1, 1_000_000),
+      lockTimeoutMs: integer(env, "TOKENVAULT_AUDIT_LOCK_TIMEOUT_MS", defaultAuditSettings.lockTimeoutMs, 1, 600_000),
+      ringSize: integer(env, "TOKENVAULT_AUDIT_RING_SIZE", defaultAuditSettings.ringSize, 16, 1_000_000),
+      pollMs: integer(env, "TOKENVAULT_AUDIT_POLL_MS", defaultAuditSettings.pollMs, 10, 60_000),
+      maxLag: integer(env, "TOKENVAULT_AUDIT_MAX_LAG", defaultAuditSettings.maxLag, 1, 10_000_000),
+    }),
   });
 }
 

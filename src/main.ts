@@ -10,6 +10,7 @@ import { KeyMismatchError } from "./keys/verify.js";
 import { CallerAdminError } from "./auth/caller-admin.js";
 import { createLogger } from "./log.js";
 import { callersCommand } from "./cli/callers.js";
+import { auditCommand } from "./cli/audit.js";
 import { generateKeyCommand, keysCommand } from "./cli/keys.js";
 import { migrateCommand, UsageError } from "./cli/migrate.js";
 import { serve } from "./cli/serve.js";
@@ -29,6 +30,12 @@ const usage = `usage: tokenvault <command>
   callers bind-cert NAME --identity spiffe://...|DNS|CN
                              let a client certificate with this identity act as NAME (mutual TLS)
   callers apply FILE         make the callers match a JSON file (creates, updates, revokes the rest)
+  audit verify [--from CURSOR]
+                             recompute the audit hash chain; names the first bad event (exit 1)
+  audit prune --before DATE  delete older events, keeping the rest verifiable (a checkpoint)
+  audit tail [--follow] [--after CURSOR] [--user ID] [--integration NAME] [--caller NAME]
+             [--action A,B] [--since DATE] [--until DATE] [--url URL] [--secret-file FILE]
+                             print audit events as JSON lines through the StreamAudit API
 
 Configuration comes from the environment: see README.md.`;
 
@@ -46,6 +53,18 @@ async function main(argv: string[]): Promise<number> {
       users: { type: "string" },
       "refresh-tokens": { type: "boolean" },
       identity: { type: "string" },
+      from: { type: "string" },
+      before: { type: "string" },
+      follow: { type: "boolean" },
+      after: { type: "string" },
+      user: { type: "string" },
+      integration: { type: "string" },
+      caller: { type: "string" },
+      action: { type: "string" },
+      since: { type: "string" },
+      until: { type: "string" },
+      url: { type: "string" },
+      "secret-file": { type: "string" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -83,6 +102,21 @@ async function main(argv: string[]): Promise<number> {
         identity: values.identity,
       });
       return 0;
+    case "audit":
+      return auditCommand(config, logger, action ?? "", {
+        from: values.from,
+        before: values.before,
+        follow: values.follow,
+        after: values.after,
+        user: values.user,
+        integration: values.integration,
+        caller: values.caller,
+        action: values.action,
+        since: values.since,
+        until: values.until,
+        url: values.url,
+        secretFile: values["secret-file"],
+      });
     default:
       throw new UsageError(`unknown command "${command}"`);
   }

@@ -209,10 +209,12 @@ export const devCallerName = "dev";
 export async function ensureDevCaller(pool: Pool, dataDir: string): Promise<{ secretFile: string; newSecret: string | undefined }> {
   const secretFile = path.join(dataDir, "dev-caller-secret");
   const existing = await selectCallerByName(pool, devCallerName);
+  const spec: PolicySpec = { allow: rpcNames, integrations: ["*"], refreshTokens: true };
   if (existing !== undefined && existing.revoked_at === null && existsSync(secretFile)) {
+    // Keep "every permission" true as RPCs are added.
+    await updateCallerPolicy(pool, devCallerName, policyColumns(spec));
     return { secretFile, newSecret: undefined };
   }
-  const spec: PolicySpec = { allow: rpcNames, integrations: ["*"], refreshTokens: true };
   let secret: string;
   if (existing === undefined) {
     secret = (await addCaller(pool, devCallerName, spec)).secret;

@@ -15,6 +15,8 @@ import { callerFromRow, type Caller } from "./policy.js";
 export interface CallerRegistry {
   /** The caller a bearer secret proves, or undefined (unknown, wrong or revoked: indistinguishable). */
   bySecret(secret: string): Caller | undefined;
+  /** The active caller with this id, for naming who a failed credential claimed to be (never for authentication). */
+  byId(id: string): Caller | undefined;
   /** The caller bound to a verified client-certificate identity. */
   byCertIdentity(identity: string): Caller | undefined;
   /** How many active callers there are. */
@@ -84,6 +86,7 @@ export async function createCallerRegistry(options: CallerRegistryOptions): Prom
       // Always hash and compare, so an unknown caller costs the same as a wrong secret.
       return secretMatches(secret, caller?.secretHash ?? null) ? caller : undefined;
     },
+    byId: (id) => byId.get(id),
     byCertIdentity: (identity) => byCert.get(identity),
     get size() {
       return byId.size;

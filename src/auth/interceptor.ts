@@ -11,7 +11,7 @@
 import { Code, ConnectError, createContextKey, type Interceptor } from "@connectrpc/connect";
 import type { CallerRegistry } from "./caller-registry.js";
 import { TokenVaultService } from "../gen/tokenvault/v1/tokenvault_pb.js";
-import { bearerToken } from "./credentials.js";
+import { bearerToken, claimedCallerId } from "./credentials.js";
 import { denial, type Caller } from "./policy.js";
 
 /** The authenticated caller of the current call; set by the interceptor. */
@@ -19,6 +19,12 @@ export const callerKey = createContextKey<Caller | undefined>(undefined, { descr
 
 /** The identity of the verified client certificate, when the connection has one; set per request by the server. */
 export const clientCertIdentityKey = createContextKey<string | undefined>(undefined, { description: "client certificate identity" });
+
+/**
+ * Who a call that failed authentication claimed to be, for the audit log: the
+ * caller named by a bearer secret's id part, or a certificate's identity.
+ */
+export const claimedCallerKey = createContextKey<string | undefined>(undefined, { description: "claimed caller" });
 
 /** Options of {@link authInterceptor}. */
 export interface AuthOptions {
@@ -48,7 +54,10 @@ export function authInterceptor(options: AuthOptions): Interceptor {
     } else if (certIdentity !== undefined) {
       caller = options.registry.byCertIdentity(certIdentity);
     }
-    if (caller === undefined) throw unauthenticated();
+    if (caller === undefined) {
+      req.contextValues.set(claimedCallerKey, claimedCaller(options.registry, authorization, certIdentity));
+      throw unauthenticated();
+    }
     req.contextValues.set(callerKey, caller);
 
     // Health and reflection, when not open, need only a valid caller.
@@ -65,4 +74,15 @@ export function authInterceptor(options: AuthOptions): Interceptor {
     if (reason !== undefined) throw new ConnectError(reason, Code.PermissionDenied);
     return next(req);
   };
+}
+
+/** Names whom a failed credential claimed to be; never the secret itself. */
+function claimedCaller(registry: CallerRegistry, authorization: string | null, certIdentity: string | undefined): string | undefined {
+  if (authorization !== null) {
+    const secret = bearerToken(authorization);
+    const id = secret === undefined ? undefined : claimedCallerId(secret);
+    if (id === undefined) return undefined;
+    return registry.byId(id)?.name ?? `unknown caller id ${id}`;
+  }
+  return certIdentity === undefined ? undefined : `certificate ${certIdentity}`;
 }

@@ -9,7 +9,7 @@
 import type { CallerRow } from "../db/queries/callers.js";
 
 /** The RPCs a policy can allow, by method name. */
-export const rpcNames = ["Store", "Get", "Remove", "ClearUser", "ListConnections"] as const;
+export const rpcNames = ["Store", "Get", "Remove", "ClearUser", "ListConnections", "StreamAudit", "VerifyAudit"] as const;
 /** One of {@link rpcNames}. */
 export type RpcName = (typeof rpcNames)[number];
 

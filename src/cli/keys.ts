@@ -9,6 +9,7 @@ import { createPool } from "../db/pool.js";
 import { keyStatus, rotateKeys } from "../keys/rotate.js";
 import { verifyKeyRing } from "../keys/verify.js";
 import type { Logger } from "../log.js";
+import { recordCommandEvent } from "../audit/log.js";
 import { openDatabase } from "./database.js";
 import { UsageError } from "./migrate.js";
 
@@ -60,6 +61,8 @@ export async function keysCommand(config: Config, logger: Logger, action: string
       batchSize: options.batchSize,
       onProgress: (p) => console.error(`resealed ${p.resealed}/${p.total}`),
     });
+    // A rotation touches every connection: it is an audited act.
+    await recordCommandEvent(pool, logger, "key_rotation", { to_key: ring.current.id, resealed: result.resealed, ms: Date.now() - started });
     console.log(`rotation done: ${result.resealed} rows resealed under "${ring.current.id}" in ${Date.now() - started} ms`);
   } finally {
     await pool.end();

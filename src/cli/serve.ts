@@ -12,6 +12,7 @@ import type { Logger } from "../log.js";
 import { ensureDevCaller } from "../auth/caller-admin.js";
 import { createCallerRegistry } from "../auth/caller-registry.js";
 import { buildServer } from "../vault/server.js";
+import { openAuditLog } from "../audit/log.js";
 import { openDatabase } from "./database.js";
 
 /** Runs the vault until a signal stops it; resolves when it has shut down. */
@@ -68,8 +69,9 @@ export async function serve(config: Config, logger: Logger): Promise<void> {
     logger.warn("no callers are defined: nothing can call this vault until one is added (tokenvault callers add NAME --allow ... --integrations ...)");
   }
 
+  const audit = await openAuditLog({ pool, logger, listenUrl: database.url, settings: config.audit });
   const server = buildServer({
-    deps: { pool, keyRing: keys.ring, now: () => new Date() },
+    deps: { pool, keyRing: keys.ring, now: () => new Date(), audit },
     logger,
     callers,
     openServices: config.openServices,
@@ -86,6 +88,7 @@ export async function serve(config: Config, logger: Logger): Promise<void> {
   logger.info({ signal, graceMs: config.shutdownGraceMs }, "shutting down");
   const deadline = Date.now() + config.shutdownGraceMs;
   await server.close(config.shutdownGraceMs);
+  await audit.close();
   await callers.close();
   // pool.end() waits for running queries; a call cut at the deadline may
   // still have one (up to statement_timeout), so bound the wait as well.

@@ -4,6 +4,18 @@
  */
 import type { Pool } from "pg";
 import type { KeyRing } from "../crypto/key-ring.js";
+import type { AuditFeed } from "../audit/feed.js";
+import type { AuditWriter } from "../audit/writer.js";
+
+/** The audit log's parts the handlers use. */
+export interface AuditDeps {
+  /** Group-committing writer of audit events. */
+  readonly writer: AuditWriter;
+  /** This process's live view of the log, for StreamAudit followers. */
+  readonly feed: AuditFeed;
+  /** How many events a follower that has caught up may fall behind before its stream ends (RESOURCE_EXHAUSTED). */
+  readonly maxLag: number;
+}
 
 /** The handlers' dependencies. */
 export interface VaultDeps {
@@ -11,4 +23,5 @@ export interface VaultDeps {
   readonly keyRing: KeyRing;
   /** The time, for expires_in; injectable for tests. */
   readonly now: () => Date;
+  readonly audit: AuditDeps;
 }

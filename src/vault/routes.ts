@@ -13,6 +13,8 @@ import { store } from "./store.js";
 import { get } from "./get.js";
 import { clearUser, remove } from "./remove.js";
 import { listConnections } from "./list.js";
+import { streamAudit } from "./stream-audit.js";
+import { verifyAudit } from "./verify-audit.js";
 
 /** The caller the auth interceptor admitted; its absence is a wiring bug, not a client error. */
 function authenticatedCaller(values: ContextValues): Caller {
@@ -30,6 +32,8 @@ export function createRoutes(deps: VaultDeps, health: HealthService): (router: C
       remove: (req) => remove(deps, req),
       clearUser: (req) => clearUser(deps, req),
       listConnections: (req, ctx) => listConnections(deps, req, authenticatedCaller(ctx.values)),
+      streamAudit: (req, ctx) => streamAudit(deps, req, ctx, authenticatedCaller(ctx.values)),
+      verifyAudit: (req) => verifyAudit(deps, req),
     });
     health.register(router);
     registerReflection(router, [TokenVaultService, Health]);

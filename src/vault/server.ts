@@ -23,6 +23,7 @@ import { peerAddressKey } from "./context.js";
 import type { VaultDeps } from "./deps.js";
 import { createHealthService, type HealthService } from "./health.js";
 import { requestInterceptor } from "./interceptor.js";
+import { auditInterceptor } from "./audit-interceptor.js";
 import { createRoutes } from "./routes.js";
 
 /** What buildServer needs beyond the handlers' dependencies. */
@@ -60,8 +61,13 @@ export function buildServer(options: ServerOptions): VaultServer {
   const handler = connectNodeAdapter({
     routes: createRoutes(options.deps, health),
     // Outermost first: the request interceptor logs and shapes errors of the
-    // auth interceptor's denials too.
-    interceptors: [requestInterceptor(logger), authInterceptor({ registry: options.callers, openServices: options.openServices })],
+    // auditing the auth interceptor's denials too; the audit interceptor records
+    // every TokenVaultService call, including those refused.
+    interceptors: [
+      requestInterceptor(logger),
+      auditInterceptor(options.deps.audit.writer),
+      authInterceptor({ registry: options.callers, openServices: options.openServices }),
+    ],
     readMaxBytes: options.maxMessageBytes,
     // Responses are not capped by the request limit: a Get carries more than
     // the Store that wrote it, and a user may have many connections.
@@ -187,6 +193,8 @@ export function buildServer(options: ServerOptions): VaultServer {
       if (closing) return;
       closing = true;
       health.shutdown();
+      // Audit followers end with a status that carries their resume cursor.
+      options.deps.audit.feed.endStreams();
       const stopped = new Promise<void>((resolve) => listener.close(() => resolve()));
       for (const session of sessions) session.close();
       const deadline = Date.now() + graceMs;

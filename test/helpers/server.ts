@@ -19,6 +19,8 @@ import { addCaller, type PolicySpec } from "../../src/auth/caller-admin.js";
 import { createCallerRegistry, type CallerRegistry } from "../../src/auth/caller-registry.js";
 import { rpcNames } from "../../src/auth/policy.js";
 import { captureLogs, type CapturedLogs } from "./logs.js";
+import { openAuditLog, type AuditLog } from "../../src/audit/log.js";
+import { defaultAuditSettings, type AuditSettings } from "../../src/config.js";
 
 /** The repository's proto/ folder. */
 export const protoDir = fileURLToPath(new URL("../../proto", import.meta.url));
@@ -27,6 +29,8 @@ export const protoDir = fileURLToPath(new URL("../../proto", import.meta.url));
 export interface TestVault {
   readonly server: VaultServer;
   readonly callers: CallerRegistry;
+  /** The server's audit log (writer and live feed). */
+  readonly audit: AuditLog;
   /** The bearer secret of "test-admin", the caller with every permission that the clients below use. */
   readonly secret: string;
   /** Adds a caller, reloads the registry, and returns its secret and Connect clients acting as it. */
@@ -56,6 +60,8 @@ export interface StartVaultOptions {
   now?: () => Date;
   maxMessageBytes?: number;
   tls?: { certFile: string; keyFile: string; clientCaFile?: string };
+  /** Audit settings that differ from the defaults (a short lock timeout, a small max lag ...). */
+  audit?: Partial<AuditSettings>;
 }
 
 /** Sends `authorization: Bearer <secret>` on every call. */
@@ -81,8 +87,14 @@ export async function startVault(options: StartVaultOptions): Promise<TestVault>
     refreshTokens: true,
   });
   await callers.reload();
+  const audit = await openAuditLog({
+    pool: options.pool,
+    logger: logs.logger,
+    listenUrl: options.listenUrl,
+    settings: { ...defaultAuditSettings, ...options.audit },
+  });
   const server = buildServer({
-    deps: { pool: options.pool, keyRing: options.keyRing, now: options.now ?? (() => new Date()) },
+    deps: { pool: options.pool, keyRing: options.keyRing, now: options.now ?? (() => new Date()), audit },
     logger: logs.logger,
     callers,
     openServices: options.openServices ?? new Set(["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"]),
@@ -102,6 +114,7 @@ export async function startVault(options: StartVaultOptions): Promise<TestVault>
   return {
     server,
     callers,
+    audit,
     secret,
     port,
     baseUrl,
@@ -117,6 +130,7 @@ export async function startVault(options: StartVaultOptions): Promise<TestVault>
     },
     async close(graceMs = 2_000) {
       await server.close(graceMs);
+      await audit.close();
       await callers.close();
     },
   };

@@ -172,6 +172,8 @@ describe("registerReflection", () => {
       "Remove",
       "ClearUser",
       "ListConnections",
+      "StreamAudit",
+      "VerifyAudit",
     ]);
     // The compact embedded form drops json_name; it must be restored.
     const getRequest = main?.messageType.find((m) => m.name === "GetRequest");

@@ -27,7 +27,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file tokenvault/v1/tokenvault.proto.
  */
 export const file_tokenvault_v1_tokenvault: GenFile = /*@__PURE__*/
-  fileDesc("Ch50b2tlbnZhdWx0L3YxL3Rva2VudmF1bHQucHJvdG8SDXRva2VudmF1bHQudjEirAIKCFRva2VuU2V0EhQKDGFjY2Vzc190b2tlbhgBIAEoCRIaCg1yZWZyZXNoX3Rva2VuGAIgASgJSAGIAQESEgoKdG9rZW5fdHlwZRgDIAEoCRIOCgZzY29wZXMYBCADKAkSMAoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBIABIvCgpleHBpcmVzX2luGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uSAASFQoIaWRfdG9rZW4YByABKAlIAogBARInCgZleHRyYXMYCCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0QggKBmV4cGlyeUIQCg5fcmVmcmVzaF90b2tlbkILCglfaWRfdG9rZW4iOQoPQ29uc2VudE1ldGFkYXRhEhIKCmlwX2FkZHJlc3MYASABKAkSEgoKdXNlcl9hZ2VudBgCIAEoCSLEAwoKQ29ubmVjdGlvbhIPCgd1c2VyX2lkGAEgASgJEhMKC2ludGVncmF0aW9uGAIgASgJEg4KBnNjb3BlcxgDIAMoCRISCgp0b2tlbl90eXBlGAQgASgJEi4KCmV4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KBnN0YXR1cxgGIAEoDjIfLnRva2VudmF1bHQudjEuQ29ubmVjdGlvblN0YXR1cxIZChFoYXNfcmVmcmVzaF90b2tlbhgHIAEoCBIuCgpjcmVhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxsYXN0X3VzZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWlzc3VlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoHY29uc2VudBgMIAEoCzIeLnRva2VudmF1bHQudjEuQ29uc2VudE1ldGFkYXRhIpIBCgxTdG9yZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRITCgtpbnRlZ3JhdGlvbhgCIAEoCRIqCgl0b2tlbl9zZXQYAyABKAsyFy50b2tlbnZhdWx0LnYxLlRva2VuU2V0EjAKCG1ldGFkYXRhGAQgASgLMh4udG9rZW52YXVsdC52MS5Db25zZW50TWV0YWRhdGEiTwoNU3RvcmVSZXNwb25zZRItCgpjb25uZWN0aW9uGAEgASgLMhkudG9rZW52YXVsdC52MS5Db25uZWN0aW9uEg8KB2NyZWF0ZWQYAiABKAgisAEKCkdldFJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRITCgtpbnRlZ3JhdGlvbhgCIAEoCRIwCg1taW5fdmFsaWRfZm9yGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEisKB3JlZnJlc2gYBCABKA4yGi50b2tlbnZhdWx0LnYxLlJlZnJlc2hNb2RlEh0KFWluY2x1ZGVfcmVmcmVzaF90b2tlbhgFIAEoCCK0AgoLR2V0UmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEhIKCnRva2VuX3R5cGUYAiABKAkSLgoKZXhwaXJlc19hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGc2NvcGVzGAQgAygJEhUKCGlkX3Rva2VuGAUgASgJSACIAQESJwoGZXh0cmFzGAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIRCglyZWZyZXNoZWQYByABKAgSLQoKY29ubmVjdGlvbhgIIAEoCzIZLnRva2VudmF1bHQudjEuQ29ubmVjdGlvbhIaCg1yZWZyZXNoX3Rva2VuGAkgASgJSAGIAQFCCwoJX2lkX3Rva2VuQhAKDl9yZWZyZXNoX3Rva2VuIjUKDVJlbW92ZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRITCgtpbnRlZ3JhdGlvbhgCIAEoCSIhCg5SZW1vdmVSZXNwb25zZRIPCgdleGlzdGVkGAEgASgIIiMKEENsZWFyVXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSIqChFDbGVhclVzZXJSZXNwb25zZRIVCg1yZW1vdmVkX2NvdW50GAEgASgFIikKFkxpc3RDb25uZWN0aW9uc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSJJChdMaXN0Q29ubmVjdGlvbnNSZXNwb25zZRIuCgtjb25uZWN0aW9ucxgBIAMoCzIZLnRva2VudmF1bHQudjEuQ29ubmVjdGlvbiJICgtFcnJvckRldGFpbBIqCgZyZWFzb24YASABKA4yGi50b2tlbnZhdWx0LnYxLkVycm9yUmVhc29uEg0KBWZpZWxkGAIgASgJKncKEENvbm5lY3Rpb25TdGF0dXMSIQodQ09OTkVDVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIcChhDT05ORUNUSU9OX1NUQVRVU19BQ1RJVkUQARIiCh5DT05ORUNUSU9OX1NUQVRVU19ORUVEU19SRUFVVEgQAipaCgtSZWZyZXNoTW9kZRIcChhSRUZSRVNIX01PREVfVU5TUEVDSUZJRUQQABIVChFSRUZSRVNIX01PREVfQVVUTxABEhYKElJFRlJFU0hfTU9ERV9ORVZFUhACKtsBCgtFcnJvclJlYXNvbhIcChhFUlJPUl9SRUFTT05fVU5TUEVDSUZJRUQQABIeChpFUlJPUl9SRUFTT05fSU5WQUxJRF9GSUVMRBABEiUKIUVSUk9SX1JFQVNPTl9DT05ORUNUSU9OX05PVF9GT1VORBACEh0KGUVSUk9SX1JFQVNPTl9ORUVEU19SRUFVVEgQAxIiCh5FUlJPUl9SRUFTT05fSU5URUdSSVRZX0ZBSUxVUkUQBBIkCiBFUlJPUl9SRUFTT05fU1RPUkFHRV9VTkFWQUlMQUJMRRAFMpMDChFUb2tlblZhdWx0U2VydmljZRJCCgVTdG9yZRIbLnRva2VudmF1bHQudjEuU3RvcmVSZXF1ZXN0GhwudG9rZW52YXVsdC52MS5TdG9yZVJlc3BvbnNlEjwKA0dldBIZLnRva2VudmF1bHQudjEuR2V0UmVxdWVzdBoaLnRva2VudmF1bHQudjEuR2V0UmVzcG9uc2USRQoGUmVtb3ZlEhwudG9rZW52YXVsdC52MS5SZW1vdmVSZXF1ZXN0Gh0udG9rZW52YXVsdC52MS5SZW1vdmVSZXNwb25zZRJOCglDbGVhclVzZXISHy50b2tlbnZhdWx0LnYxLkNsZWFyVXNlclJlcXVlc3QaIC50b2tlbnZhdWx0LnYxLkNsZWFyVXNlclJlc3BvbnNlEmUKD0xpc3RDb25uZWN0aW9ucxIlLnRva2VudmF1bHQudjEuTGlzdENvbm5lY3Rpb25zUmVxdWVzdBomLnRva2VudmF1bHQudjEuTGlzdENvbm5lY3Rpb25zUmVzcG9uc2UiA5ACAWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Ch50b2tlbnZhdWx0L3YxL3Rva2VudmF1bHQucHJvdG8SDXRva2VudmF1bHQudjEirAIKCFRva2VuU2V0EhQKDGFjY2Vzc190b2tlbhgBIAEoCRIaCg1yZWZyZXNoX3Rva2VuGAIgASgJSAGIAQESEgoKdG9rZW5fdHlwZRgDIAEoCRIOCgZzY29wZXMYBCADKAkSMAoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBIABIvCgpleHBpcmVzX2luGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uSAASFQoIaWRfdG9rZW4YByABKAlIAogBARInCgZleHRyYXMYCCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0QggKBmV4cGlyeUIQCg5fcmVmcmVzaF90b2tlbkILCglfaWRfdG9rZW4iOQoPQ29uc2VudE1ldGFkYXRhEhIKCmlwX2FkZHJlc3MYASABKAkSEgoKdXNlcl9hZ2VudBgCIAEoCSLEAwoKQ29ubmVjdGlvbhIPCgd1c2VyX2lkGAEgASgJEhMKC2ludGVncmF0aW9uGAIgASgJEg4KBnNjb3BlcxgDIAMoCRISCgp0b2tlbl90eXBlGAQgASgJEi4KCmV4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KBnN0YXR1cxgGIAEoDjIfLnRva2VudmF1bHQudjEuQ29ubmVjdGlvblN0YXR1cxIZChFoYXNfcmVmcmVzaF90b2tlbhgHIAEoCBIuCgpjcmVhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxsYXN0X3VzZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWlzc3VlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoHY29uc2VudBgMIAEoCzIeLnRva2VudmF1bHQudjEuQ29uc2VudE1ldGFkYXRhIpIBCgxTdG9yZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRITCgtpbnRlZ3JhdGlvbhgCIAEoCRIqCgl0b2tlbl9zZXQYAyABKAsyFy50b2tlbnZhdWx0LnYxLlRva2VuU2V0EjAKCG1ldGFkYXRhGAQgASgLMh4udG9rZW52YXVsdC52MS5Db25zZW50TWV0YWRhdGEiTwoNU3RvcmVSZXNwb25zZRItCgpjb25uZWN0aW9uGAEgASgLMhkudG9rZW52YXVsdC52MS5Db25uZWN0aW9uEg8KB2NyZWF0ZWQYAiABKAgisAEKCkdldFJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRITCgtpbnRlZ3JhdGlvbhgCIAEoCRIwCg1taW5fdmFsaWRfZm9yGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEisKB3JlZnJlc2gYBCABKA4yGi50b2tlbnZhdWx0LnYxLlJlZnJlc2hNb2RlEh0KFWluY2x1ZGVfcmVmcmVzaF90b2tlbhgFIAEoCCK0AgoLR2V0UmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEhIKCnRva2VuX3R5cGUYAiABKAkSLgoKZXhwaXJlc19hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGc2NvcGVzGAQgAygJEhUKCGlkX3Rva2VuGAUgASgJSACIAQESJwoGZXh0cmFzGAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIRCglyZWZyZXNoZWQYByABKAgSLQoKY29ubmVjdGlvbhgIIAEoCzIZLnRva2VudmF1bHQudjEuQ29ubmVjdGlvbhIaCg1yZWZyZXNoX3Rva2VuGAkgASgJSAGIAQFCCwoJX2lkX3Rva2VuQhAKDl9yZWZyZXNoX3Rva2VuIjUKDVJlbW92ZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRITCgtpbnRlZ3JhdGlvbhgCIAEoCSIhCg5SZW1vdmVSZXNwb25zZRIPCgdleGlzdGVkGAEgASgIIiMKEENsZWFyVXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSIqChFDbGVhclVzZXJSZXNwb25zZRIVCg1yZW1vdmVkX2NvdW50GAEgASgFIikKFkxpc3RDb25uZWN0aW9uc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSJJChdMaXN0Q29ubmVjdGlvbnNSZXNwb25zZRIuCgtjb25uZWN0aW9ucxgBIAMoCzIZLnRva2VudmF1bHQudjEuQ29ubmVjdGlvbiKqAQoLQXVkaXRGaWx0ZXISDwoHdXNlcl9pZBgBIAEoCRITCgtpbnRlZ3JhdGlvbhgCIAEoCRIOCgZjYWxsZXIYAyABKAkSDwoHYWN0aW9ucxgEIAMoCRIpCgVzaW5jZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKQoFdW50aWwYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImYKElN0cmVhbUF1ZGl0UmVxdWVzdBIqCgZmaWx0ZXIYASABKAsyGi50b2tlbnZhdWx0LnYxLkF1ZGl0RmlsdGVyEhQKDGFmdGVyX2N1cnNvchgCIAEoBBIOCgZmb2xsb3cYAyABKAgiPwoTU3RyZWFtQXVkaXRSZXNwb25zZRIoCgVldmVudBgBIAEoCzIZLnRva2VudmF1bHQudjEuQXVkaXRFdmVudCKRAgoKQXVkaXRFdmVudBIOCgZjdXJzb3IYASABKAQSLwoLb2NjdXJyZWRfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmNhbGxlchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDwoHdXNlcl9pZBgFIAEoCRITCgtpbnRlZ3JhdGlvbhgGIAEoCRIPCgdvdXRjb21lGAcgASgJEhIKCnJlcXVlc3RfaWQYCCABKAkSDAoEcGVlchgJIAEoCRIoCgdkZXRhaWxzGAogASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIRCglwcmV2X2hhc2gYCyABKAwSDAoEaGFzaBgMIAEoDCIpChJWZXJpZnlBdWRpdFJlcXVlc3QSEwoLZnJvbV9jdXJzb3IYASABKAQicgoTVmVyaWZ5QXVkaXRSZXNwb25zZRIKCgJvaxgBIAEoCBIPCgdjaGVja2VkGAIgASgEEhgKEGZpcnN0X2JhZF9jdXJzb3IYAyABKAQSDwoHcHJvYmxlbRgEIAEoCRITCgtoZWFkX2N1cnNvchgFIAEoBCIuCg9BdWRpdFJlc3VtZUluZm8SGwoTcmVzdW1lX2FmdGVyX2N1cnNvchgBIAEoBCJICgtFcnJvckRldGFpbBIqCgZyZWFzb24YASABKA4yGi50b2tlbnZhdWx0LnYxLkVycm9yUmVhc29uEg0KBWZpZWxkGAIgASgJKncKEENvbm5lY3Rpb25TdGF0dXMSIQodQ09OTkVDVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIcChhDT05ORUNUSU9OX1NUQVRVU19BQ1RJVkUQARIiCh5DT05ORUNUSU9OX1NUQVRVU19ORUVEU19SRUFVVEgQAipaCgtSZWZyZXNoTW9kZRIcChhSRUZSRVNIX01PREVfVU5TUEVDSUZJRUQQABIVChFSRUZSRVNIX01PREVfQVVUTxABEhYKElJFRlJFU0hfTU9ERV9ORVZFUhACKv8BCgtFcnJvclJlYXNvbhIcChhFUlJPUl9SRUFTT05fVU5TUEVDSUZJRUQQABIeChpFUlJPUl9SRUFTT05fSU5WQUxJRF9GSUVMRBABEiUKIUVSUk9SX1JFQVNPTl9DT05ORUNUSU9OX05PVF9GT1VORBACEh0KGUVSUk9SX1JFQVNPTl9ORUVEU19SRUFVVEgQAxIiCh5FUlJPUl9SRUFTT05fSU5URUdSSVRZX0ZBSUxVUkUQBBIkCiBFUlJPUl9SRUFTT05fU1RPUkFHRV9VTkFWQUlMQUJMRRAFEiIKHkVSUk9SX1JFQVNPTl9BVURJVF9VTkFWQUlMQUJMRRAGMssEChFUb2tlblZhdWx0U2VydmljZRJCCgVTdG9yZRIbLnRva2VudmF1bHQudjEuU3RvcmVSZXF1ZXN0GhwudG9rZW52YXVsdC52MS5TdG9yZVJlc3BvbnNlEjwKA0dldBIZLnRva2VudmF1bHQudjEuR2V0UmVxdWVzdBoaLnRva2VudmF1bHQudjEuR2V0UmVzcG9uc2USRQoGUmVtb3ZlEhwudG9rZW52YXVsdC52MS5SZW1vdmVSZXF1ZXN0Gh0udG9rZW52YXVsdC52MS5SZW1vdmVSZXNwb25zZRJOCglDbGVhclVzZXISHy50b2tlbnZhdWx0LnYxLkNsZWFyVXNlclJlcXVlc3QaIC50b2tlbnZhdWx0LnYxLkNsZWFyVXNlclJlc3BvbnNlEmUKD0xpc3RDb25uZWN0aW9ucxIlLnRva2VudmF1bHQudjEuTGlzdENvbm5lY3Rpb25zUmVxdWVzdBomLnRva2VudmF1bHQudjEuTGlzdENvbm5lY3Rpb25zUmVzcG9uc2UiA5ACARJbCgtTdHJlYW1BdWRpdBIhLnRva2VudmF1bHQudjEuU3RyZWFtQXVkaXRSZXF1ZXN0GiIudG9rZW52YXVsdC52MS5TdHJlYW1BdWRpdFJlc3BvbnNlIgOQAgEwARJZCgtWZXJpZnlBdWRpdBIhLnRva2VudmF1bHQudjEuVmVyaWZ5QXVkaXRSZXF1ZXN0GiIudG9rZW52YXVsdC52MS5WZXJpZnlBdWRpdFJlc3BvbnNlIgOQAgFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * TokenSet is what a provider's token endpoint returned, as the vault keeps it.
@@ -577,6 +577,320 @@ export const ListConnectionsResponseSchema: GenMessage<ListConnectionsResponse> 
   messageDesc(file_tokenvault_v1_tokenvault, 12);
 
 /**
+ * AuditFilter selects audit events; empty fields match everything, set fields
+ * must all match.
+ *
+ * @generated from message tokenvault.v1.AuditFilter
+ */
+export type AuditFilter = Message<"tokenvault.v1.AuditFilter"> & {
+  /**
+   * Only events about this user.
+   *
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * Only events about this integration.
+   *
+   * @generated from field: string integration = 2;
+   */
+  integration: string;
+
+  /**
+   * Only events of this caller (by name).
+   *
+   * @generated from field: string caller = 3;
+   */
+  caller: string;
+
+  /**
+   * Only events with one of these actions (see AuditEvent.action).
+   *
+   * @generated from field: repeated string actions = 4;
+   */
+  actions: string[];
+
+  /**
+   * Only events at or after this time.
+   *
+   * @generated from field: google.protobuf.Timestamp since = 5;
+   */
+  since?: Timestamp | undefined;
+
+  /**
+   * Only events before this time. A following stream ends once the server's
+   * clock has passed it.
+   *
+   * @generated from field: google.protobuf.Timestamp until = 6;
+   */
+  until?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message tokenvault.v1.AuditFilter.
+ * Use `create(AuditFilterSchema)` to create a new message.
+ */
+export const AuditFilterSchema: GenMessage<AuditFilter> = /*@__PURE__*/
+  messageDesc(file_tokenvault_v1_tokenvault, 13);
+
+/**
+ * StreamAuditRequest asks for the audit log.
+ *
+ * @generated from message tokenvault.v1.StreamAuditRequest
+ */
+export type StreamAuditRequest = Message<"tokenvault.v1.StreamAuditRequest"> & {
+  /**
+   * Which events.
+   *
+   * @generated from field: tokenvault.v1.AuditFilter filter = 1;
+   */
+  filter?: AuditFilter | undefined;
+
+  /**
+   * Start after this cursor (an AuditEvent.cursor); 0 starts at the oldest
+   * event kept.
+   *
+   * @generated from field: uint64 after_cursor = 2;
+   */
+  afterCursor: bigint;
+
+  /**
+   * Keep the stream open and send events as they commit; without it the
+   * stream ends after the events committed when it began.
+   *
+   * @generated from field: bool follow = 3;
+   */
+  follow: boolean;
+};
+
+/**
+ * Describes the message tokenvault.v1.StreamAuditRequest.
+ * Use `create(StreamAuditRequestSchema)` to create a new message.
+ */
+export const StreamAuditRequestSchema: GenMessage<StreamAuditRequest> = /*@__PURE__*/
+  messageDesc(file_tokenvault_v1_tokenvault, 14);
+
+/**
+ * StreamAuditResponse carries one audit event.
+ *
+ * @generated from message tokenvault.v1.StreamAuditResponse
+ */
+export type StreamAuditResponse = Message<"tokenvault.v1.StreamAuditResponse"> & {
+  /**
+   * The event.
+   *
+   * @generated from field: tokenvault.v1.AuditEvent event = 1;
+   */
+  event?: AuditEvent | undefined;
+};
+
+/**
+ * Describes the message tokenvault.v1.StreamAuditResponse.
+ * Use `create(StreamAuditResponseSchema)` to create a new message.
+ */
+export const StreamAuditResponseSchema: GenMessage<StreamAuditResponse> = /*@__PURE__*/
+  messageDesc(file_tokenvault_v1_tokenvault, 15);
+
+/**
+ * AuditEvent is one recorded access. It never holds a token or a secret.
+ *
+ * @generated from message tokenvault.v1.AuditEvent
+ */
+export type AuditEvent = Message<"tokenvault.v1.AuditEvent"> & {
+  /**
+   * The event's position in the log: ids are assigned in commit order with no
+   * gaps, so a cursor never skips an event.
+   *
+   * @generated from field: uint64 cursor = 1;
+   */
+  cursor: bigint;
+
+  /**
+   * When the call was made.
+   *
+   * @generated from field: google.protobuf.Timestamp occurred_at = 2;
+   */
+  occurredAt?: Timestamp | undefined;
+
+  /**
+   * The authenticated caller's name; empty when the caller was not
+   * authenticated (details.claimed_caller says who it claimed to be).
+   *
+   * @generated from field: string caller = 3;
+   */
+  caller: string;
+
+  /**
+   * What happened: store, get, refresh, refresh_failed, remove, clear_user,
+   * list, denied, unauthenticated, integrity_failure, stream_audit,
+   * verify_audit, key_rotation, audit_prune.
+   *
+   * @generated from field: string action = 4;
+   */
+  action: string;
+
+  /**
+   * The user concerned, when there is one.
+   *
+   * @generated from field: string user_id = 5;
+   */
+  userId: string;
+
+  /**
+   * The integration concerned, when there is one.
+   *
+   * @generated from field: string integration = 6;
+   */
+  integration: string;
+
+  /**
+   * The call's status code in snake case: "ok", "not_found",
+   * "permission_denied", "data_loss" ...
+   *
+   * @generated from field: string outcome = 7;
+   */
+  outcome: string;
+
+  /**
+   * The call's request id (the x-request-id response header).
+   *
+   * @generated from field: string request_id = 8;
+   */
+  requestId: string;
+
+  /**
+   * The caller's network address.
+   *
+   * @generated from field: string peer = 9;
+   */
+  peer: string;
+
+  /**
+   * Further facts (the RPC, a denial's reason, how many rows went ...).
+   *
+   * @generated from field: google.protobuf.Struct details = 10;
+   */
+  details?: JsonObject | undefined;
+
+  /**
+   * The hash of the event before this one (32 zero bytes for the first).
+   *
+   * @generated from field: bytes prev_hash = 11;
+   */
+  prevHash: Uint8Array;
+
+  /**
+   * SHA-256 over prev_hash and the event's canonical encoding.
+   *
+   * @generated from field: bytes hash = 12;
+   */
+  hash: Uint8Array;
+};
+
+/**
+ * Describes the message tokenvault.v1.AuditEvent.
+ * Use `create(AuditEventSchema)` to create a new message.
+ */
+export const AuditEventSchema: GenMessage<AuditEvent> = /*@__PURE__*/
+  messageDesc(file_tokenvault_v1_tokenvault, 16);
+
+/**
+ * VerifyAuditRequest asks for a check of the hash chain.
+ *
+ * @generated from message tokenvault.v1.VerifyAuditRequest
+ */
+export type VerifyAuditRequest = Message<"tokenvault.v1.VerifyAuditRequest"> & {
+  /**
+   * Start at this cursor, trusting the event before it; 0 checks everything
+   * kept (from the last prune's checkpoint, if any).
+   *
+   * @generated from field: uint64 from_cursor = 1;
+   */
+  fromCursor: bigint;
+};
+
+/**
+ * Describes the message tokenvault.v1.VerifyAuditRequest.
+ * Use `create(VerifyAuditRequestSchema)` to create a new message.
+ */
+export const VerifyAuditRequestSchema: GenMessage<VerifyAuditRequest> = /*@__PURE__*/
+  messageDesc(file_tokenvault_v1_tokenvault, 17);
+
+/**
+ * VerifyAuditResponse says whether the chain holds.
+ *
+ * @generated from message tokenvault.v1.VerifyAuditResponse
+ */
+export type VerifyAuditResponse = Message<"tokenvault.v1.VerifyAuditResponse"> & {
+  /**
+   * True when every event checked is intact and in place.
+   *
+   * @generated from field: bool ok = 1;
+   */
+  ok: boolean;
+
+  /**
+   * How many events were checked.
+   *
+   * @generated from field: uint64 checked = 2;
+   */
+  checked: bigint;
+
+  /**
+   * When not ok: the first cursor that is altered, missing or out of order.
+   *
+   * @generated from field: uint64 first_bad_cursor = 3;
+   */
+  firstBadCursor: bigint;
+
+  /**
+   * When not ok: what is wrong there ("altered", "missing", "reordered"),
+   * followed by an explanation.
+   *
+   * @generated from field: string problem = 4;
+   */
+  problem: string;
+
+  /**
+   * The newest cursor of the log.
+   *
+   * @generated from field: uint64 head_cursor = 5;
+   */
+  headCursor: bigint;
+};
+
+/**
+ * Describes the message tokenvault.v1.VerifyAuditResponse.
+ * Use `create(VerifyAuditResponseSchema)` to create a new message.
+ */
+export const VerifyAuditResponseSchema: GenMessage<VerifyAuditResponse> = /*@__PURE__*/
+  messageDesc(file_tokenvault_v1_tokenvault, 18);
+
+/**
+ * AuditResumeInfo is attached to the status of a StreamAudit that ended
+ * before the client asked it to.
+ *
+ * @generated from message tokenvault.v1.AuditResumeInfo
+ */
+export type AuditResumeInfo = Message<"tokenvault.v1.AuditResumeInfo"> & {
+  /**
+   * The cursor of the last event the stream delivered (or the request's
+   * after_cursor if none): resume with it as after_cursor.
+   *
+   * @generated from field: uint64 resume_after_cursor = 1;
+   */
+  resumeAfterCursor: bigint;
+};
+
+/**
+ * Describes the message tokenvault.v1.AuditResumeInfo.
+ * Use `create(AuditResumeInfoSchema)` to create a new message.
+ */
+export const AuditResumeInfoSchema: GenMessage<AuditResumeInfo> = /*@__PURE__*/
+  messageDesc(file_tokenvault_v1_tokenvault, 19);
+
+/**
  * ErrorDetail is attached to error statuses (as a gRPC status detail and a
  * Connect error detail) where a client may need to branch on the cause.
  *
@@ -604,7 +918,7 @@ export type ErrorDetail = Message<"tokenvault.v1.ErrorDetail"> & {
  * Use `create(ErrorDetailSchema)` to create a new message.
  */
 export const ErrorDetailSchema: GenMessage<ErrorDetail> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 13);
+  messageDesc(file_tokenvault_v1_tokenvault, 20);
 
 /**
  * ConnectionStatus says whether a connection can still produce tokens.
@@ -725,6 +1039,14 @@ export enum ErrorReason {
    * @generated from enum value: ERROR_REASON_STORAGE_UNAVAILABLE = 5;
    */
   STORAGE_UNAVAILABLE = 5,
+
+  /**
+   * UNAVAILABLE: the call's audit event could not be committed, so nothing
+   * was returned (the audit log is fail-closed).
+   *
+   * @generated from enum value: ERROR_REASON_AUDIT_UNAVAILABLE = 6;
+   */
+  AUDIT_UNAVAILABLE = 6,
 }
 
 /**
@@ -802,6 +1124,32 @@ export const TokenVaultService: GenService<{
     methodKind: "unary";
     input: typeof ListConnectionsRequestSchema;
     output: typeof ListConnectionsResponseSchema;
+  },
+  /**
+   * StreamAudit streams the audit log in cursor order: the events after
+   * after_cursor that match the filter, then (with follow) each new event as it
+   * commits, from any replica. A stream that ends early (a consumer too slow,
+   * RESOURCE_EXHAUSTED; the server shutting down, UNAVAILABLE) carries an
+   * AuditResumeInfo detail and a "tokenvault-resume-after" trailer: pass that
+   * cursor as after_cursor to continue with no gap and no duplicate.
+   *
+   * @generated from rpc tokenvault.v1.TokenVaultService.StreamAudit
+   */
+  streamAudit: {
+    methodKind: "server_streaming";
+    input: typeof StreamAuditRequestSchema;
+    output: typeof StreamAuditResponseSchema;
+  },
+  /**
+   * VerifyAudit recomputes the audit log's hash chain and reports the first
+   * event that was altered, removed or reordered.
+   *
+   * @generated from rpc tokenvault.v1.TokenVaultService.VerifyAudit
+   */
+  verifyAudit: {
+    methodKind: "unary";
+    input: typeof VerifyAuditRequestSchema;
+    output: typeof VerifyAuditResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_tokenvault_v1_tokenvault, 0);

@@ -1,0 +1,183 @@
+/**
+ * StreamAudit: replay the audit log after a cursor, then (with follow) stay
+ * live. One loop serves both: each turn reads the next events after the cursor
+ * from the feed's ring when it reaches back that far, else from the table, up
+ * to the newest committed id, so replay and live join with no gap and no
+ * duplicate. Writes wait for the client (connect-node awaits each write's
+ * drain), so a slow reader costs no memory; one that falls more than
+ * `maxLag` events behind after having caught up is ended with
+ * RESOURCE_EXHAUSTED and the cursor to resume from.
+ */
+import { create, type JsonObject } from "@bufbuild/protobuf";
+import { timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, type HandlerContext } from "@connectrpc/connect";
+import {
+  AuditEventSchema,
+  AuditResumeInfoSchema,
+  StreamAuditResponseSchema,
+  type StreamAuditRequest,
+  type StreamAuditResponse,
+} from "../gen/tokenvault/v1/tokenvault_pb.js";
+import { auditActions, type AuditEvent } from "../audit/chain.js";
+import { selectAuditEvents, selectAuditHead, type AuditQuery } from "../db/queries/audit.js";
+import { allowsIntegration, allowsUser, type Caller } from "../auth/policy.js";
+import { callContextKey, peerAddressKey } from "./context.js";
+import type { VaultDeps } from "./deps.js";
+import { auditUnavailable } from "./audit-interceptor.js";
+import { AuditUnavailableError } from "../audit/writer.js";
+import { invalidField } from "./errors.js";
+import { validateIntegration, validateUserId } from "./validate.js";
+
+/** Events read per turn. */
+const pageSize = 500;
+
+/** The trailer carrying the cursor to resume from. */
+export const resumeAfterHeader = "tokenvault-resume-after";
+
+/** Handles TokenVaultService.StreamAudit. */
+export async function* streamAudit(
+  deps: VaultDeps,
+  req: StreamAuditRequest,
+  ctx: HandlerContext,
+  caller: Caller,
+): AsyncGenerator<StreamAuditResponse> {
+  const query = validateFilter(req);
+  const { feed, writer, maxLag } = deps.audit;
+  const call = ctx.values.get(callContextKey);
+  // Fail-closed like every access: the stream's own event commits first.
+  try {
+    await writer.record({
+      occurredAt: new Date(),
+      caller: caller.name,
+      action: "stream_audit",
+      userId: query.userId ?? null,
+      integration: query.integration ?? null,
+      outcome: "ok",
+      requestId: call?.requestId ?? null,
+      peer: ctx.values.get(peerAddressKey) || null,
+      details: {
+        rpc: "StreamAudit",
+        follow: req.follow,
+        after_cursor: req.afterCursor.toString(),
+        ...(query.caller === undefined ? {} : { caller: query.caller }),
+        ...(query.actions === undefined ? {} : { actions: [...query.actions] }),
+        ...(query.since === undefined ? {} : { since: query.since.toISOString() }),
+        ...(query.until === undefined ? {} : { until: query.until.toISOString() }),
+      },
+    });
+  } catch (err) {
+    if (err instanceof AuditUnavailableError) throw auditUnavailable();
+    throw err;
+  }
+
+  const visible = (e: AuditEvent) => matches(e, query) && maySee(caller, e);
+  const unregister = req.follow ? feed.register() : () => {};
+  let cursor = req.afterCursor;
+  try {
+    // Without follow the stream ends at the log's end as of now.
+    const end = req.follow ? undefined : (await selectAuditHead(deps.pool)).lastId;
+    let live = false;
+    for (;;) {
+      if (ctx.signal.aborted) return;
+      if (feed.ending) throw resumable(Code.Unavailable, "the server is shutting down", cursor);
+      const upTo = end ?? feed.head();
+      if (cursor >= upTo) {
+        if (end !== undefined) return;
+        if (query.until !== undefined && Date.now() > query.until.getTime()) return;
+        live = true;
+        await feed.waitBeyond(cursor, ctx.signal, query.until === undefined ? undefined : Math.max(0, query.until.getTime() - Date.now()) + 1);
+        continue;
+      }
+      if (live && upTo - cursor > BigInt(maxLag)) {
+        throw resumable(Code.ResourceExhausted, `this stream fell more than ${maxLag} events behind the log`, cursor);
+      }
+      let events = feed.after(cursor, pageSize);
+      let scannedTo: bigint;
+      if (events !== undefined) {
+        // The ring is contiguous from cursor + 1; a replay without follow stops at its end.
+        events = events.filter((e) => e.id <= upTo);
+        scannedTo = events.length === 0 ? upTo : events[events.length - 1]!.id;
+      } else {
+        events = await selectAuditEvents(deps.pool, cursor, upTo, query, pageSize);
+        scannedTo = events.length === pageSize ? events[events.length - 1]!.id : upTo;
+      }
+      for (const event of events) {
+        if (!visible(event)) continue;
+        yield create(StreamAuditResponseSchema, { event: toMessage(event) });
+        cursor = event.id;
+        if (ctx.signal.aborted) return;
+      }
+      cursor = scannedTo;
+    }
+  } finally {
+    unregister();
+  }
+}
+
+/** An error that ends the stream early, with the cursor to resume after. */
+function resumable(code: Code, why: string, cursor: bigint): ConnectError {
+  return new ConnectError(
+    `${why}; resume with after_cursor ${cursor}`,
+    code,
+    { [resumeAfterHeader]: cursor.toString() },
+    [{ desc: AuditResumeInfoSchema, value: create(AuditResumeInfoSchema, { resumeAfterCursor: cursor }) }],
+  );
+}
+
+function validateFilter(req: StreamAuditRequest): AuditQuery {
+  const f = req.filter;
+  const unknown = f?.actions.find((a) => !(auditActions as readonly string[]).includes(a));
+  if (unknown !== undefined) throw invalidField("filter.actions", `must be among ${auditActions.join(", ")}`);
+  const since = f?.since === undefined ? undefined : timestampDate(f.since);
+  const until = f?.until === undefined ? undefined : timestampDate(f.until);
+  if (since !== undefined && until !== undefined && since >= until) throw invalidField("filter.until", "must be after filter.since");
+  if (f?.caller !== undefined && f.caller.length > 64) throw invalidField("filter.caller", "must be at most 64 characters");
+  return {
+    userId: f?.userId ? validateUserId(f.userId, "filter.user_id") : undefined,
+    integration: f?.integration ? validateIntegration(f.integration, "filter.integration") : undefined,
+    caller: f?.caller || undefined,
+    actions: f?.actions.length ? f.actions : undefined,
+    since,
+    until,
+  };
+}
+
+/** The filter, applied in memory to events from the ring (the table applies it in SQL). */
+function matches(e: AuditEvent, q: AuditQuery): boolean {
+  return (
+    (q.userId === undefined || e.userId === q.userId) &&
+    (q.integration === undefined || e.integration === q.integration) &&
+    (q.caller === undefined || e.caller === q.caller) &&
+    (q.actions === undefined || q.actions.includes(e.action)) &&
+    (q.since === undefined || e.occurredAt >= q.since) &&
+    (q.until === undefined || e.occurredAt < q.until)
+  );
+}
+
+/**
+ * A caller limited to some integrations or users sees only their events;
+ * events about no integration (ClearUser, key rotation, failed logins) need '*'.
+ */
+function maySee(caller: Caller, e: AuditEvent): boolean {
+  const { policy } = caller;
+  if (policy.integrations !== "*" && (e.integration === null || !allowsIntegration(policy, e.integration))) return false;
+  if (policy.users !== undefined && (e.userId === null || !allowsUser(policy, e.userId))) return false;
+  return true;
+}
+
+function toMessage(e: AuditEvent) {
+  return create(AuditEventSchema, {
+    cursor: e.id,
+    occurredAt: timestampFromDate(e.occurredAt),
+    caller: e.caller ?? "",
+    action: e.action,
+    userId: e.userId ?? "",
+    integration: e.integration ?? "",
+    outcome: e.outcome,
+    requestId: e.requestId ?? "",
+    peer: e.peer ?? "",
+    details: e.details as JsonObject,
+    prevHash: e.prevHash,
+    hash: e.hash,
+  });
+}
