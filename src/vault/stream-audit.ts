@@ -18,7 +18,7 @@ import {
   type StreamAuditRequest,
   type StreamAuditResponse,
 } from "../gen/tokenvault/v1/tokenvault_pb.js";
-import { auditActions, type AuditEvent } from "../audit/chain.js";
+import { auditActions, detailText, outcomeName, type AuditEvent, type DetailValue } from "../audit/chain.js";
 import { selectAuditEvents, selectAuditHead, type AuditQuery } from "../db/queries/audit.js";
 import { allowsIntegration, allowsUser, type Caller } from "../auth/policy.js";
 import { callContextKey, peerAddressKey } from "./context.js";
@@ -41,34 +41,42 @@ export async function* streamAudit(
   ctx: HandlerContext,
   caller: Caller,
 ): AsyncGenerator<StreamAuditResponse> {
-  const query = validateFilter(req);
   const { feed, writer, maxLag } = deps.audit;
   const call = ctx.values.get(callContextKey);
-  // Fail-closed like every access: the stream's own event commits first.
+  // Fail-closed like every access: the stream's own event (also for a refused
+  // filter) commits before anything is sent.
+  const record = async (outcome: string, query: AuditQuery, extra: Record<string, DetailValue>) => {
+    try {
+      await writer.record({
+        occurredAt: new Date(),
+        caller: caller.name,
+        action: "stream_audit",
+        userId: query.userId ?? null,
+        integration: query.integration ?? null,
+        outcome,
+        requestId: call?.requestId ?? null,
+        peer: ctx.values.get(peerAddressKey) || null,
+        details: { rpc: "StreamAudit", follow: req.follow, after_cursor: req.afterCursor.toString(), ...extra },
+      });
+    } catch (err) {
+      if (err instanceof AuditUnavailableError) throw auditUnavailable();
+      throw err;
+    }
+  };
+  let query: AuditQuery;
   try {
-    await writer.record({
-      occurredAt: new Date(),
-      caller: caller.name,
-      action: "stream_audit",
-      userId: query.userId ?? null,
-      integration: query.integration ?? null,
-      outcome: "ok",
-      requestId: call?.requestId ?? null,
-      peer: ctx.values.get(peerAddressKey) || null,
-      details: {
-        rpc: "StreamAudit",
-        follow: req.follow,
-        after_cursor: req.afterCursor.toString(),
-        ...(query.caller === undefined ? {} : { caller: query.caller }),
-        ...(query.actions === undefined ? {} : { actions: [...query.actions] }),
-        ...(query.since === undefined ? {} : { since: query.since.toISOString() }),
-        ...(query.until === undefined ? {} : { until: query.until.toISOString() }),
-      },
-    });
+    query = validateFilter(req);
   } catch (err) {
-    if (err instanceof AuditUnavailableError) throw auditUnavailable();
-    throw err;
+    const error = ConnectError.from(err);
+    await record(outcomeName(Code[error.code]), {}, { error: detailText(error.rawMessage) });
+    throw error;
   }
+  await record("ok", query, {
+    ...(query.caller === undefined ? {} : { caller: query.caller }),
+    ...(query.actions === undefined ? {} : { actions: [...query.actions] }),
+    ...(query.since === undefined ? {} : { since: query.since.toISOString() }),
+    ...(query.until === undefined ? {} : { until: query.until.toISOString() }),
+  });
 
   const visible = (e: AuditEvent) => matches(e, query) && maySee(caller, e);
   const unregister = req.follow ? feed.register() : () => {};
