@@ -11,7 +11,8 @@
 -- Up Migration
 create table audit_events (
   id bigint primary key,
-  occurred_at timestamptz not null,
+  -- hashed at millisecond precision, so stored at exactly that precision
+  occurred_at timestamptz not null check (occurred_at = date_trunc('milliseconds', occurred_at)),
   -- the authenticated caller's name; null when the caller was not authenticated
   caller text,
   action text not null,

@@ -64,7 +64,8 @@ const encodingVersion = "tokenvault.audit.v1";
 function canonicalValue(value: DetailValue): DetailValue {
   if (Array.isArray(value)) return value.map(canonicalValue);
   if (value !== null && typeof value === "object") {
-    const sorted: Record<string, DetailValue> = {};
+    // No prototype: a key named "__proto__" must be an ordinary key, encoded and hashed.
+    const sorted: Record<string, DetailValue> = Object.create(null) as Record<string, DetailValue>;
     for (const key of Object.keys(value).sort()) sorted[key] = canonicalValue(value[key]!);
     return sorted;
   }
@@ -86,6 +87,19 @@ export function canonicalEncoding(id: bigint, event: AuditEventInput): string {
     event.peer,
     canonicalValue(event.details),
   ]);
+}
+
+/** Places `events` after `head` in the chain: the next ids and the hashes linking them. */
+export function chainEvents(head: { lastId: bigint; lastHash: Buffer }, events: readonly AuditEventInput[]): AuditEvent[] {
+  let prevHash = head.lastHash;
+  let id = head.lastId;
+  return events.map((event) => {
+    id += 1n;
+    const hash = eventHash(prevHash, id, event);
+    const chained: AuditEvent = { ...event, id, prevHash, hash };
+    prevHash = hash;
+    return chained;
+  });
 }
 
 /** The hash of an event at position `id` following `prevHash`. */

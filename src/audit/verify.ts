@@ -6,7 +6,7 @@
  * hash, or it links to a hash no event has).
  */
 import type { Pool } from "pg";
-import { selectAuditEvent, selectAuditHead, selectAuditRange, selectCheckpointAt, selectLatestCheckpoint } from "../db/queries/audit.js";
+import { selectAuditEvent, selectAuditHead, selectAuditIdByHash, selectAuditRange, selectCheckpointAt, selectLatestCheckpoint } from "../db/queries/audit.js";
 import { eventHash, genesisHash } from "./chain.js";
 
 /** The outcome of {@link verifyAuditChain}. */
@@ -30,8 +30,13 @@ export async function verifyAuditChain(pool: Pool, fromId?: bigint): Promise<Ver
   // The anchor: the id and hash the first checked event must follow.
   let expectedId: bigint;
   let expectedPrev: Buffer;
+  // A checkpoint is trusted only if the chain itself records the prune that
+  // made it: otherwise deleting the oldest events and inserting a checkpoint
+  // (whose hash is the next event's prev_hash) would pass unnoticed.
+  let unconfirmedCheckpoint: bigint | undefined;
   if (fromId === undefined || fromId <= 1n) {
     const checkpoint = await selectLatestCheckpoint(pool);
+    unconfirmedCheckpoint = checkpoint?.lastId;
     expectedId = (checkpoint?.lastId ?? 0n) + 1n;
     expectedPrev = checkpoint?.lastHash ?? genesisHash;
   } else {
@@ -49,7 +54,7 @@ export async function verifyAuditChain(pool: Pool, fromId?: bigint): Promise<Ver
   // Events committed after this check began are left to the next check.
   scan: for (;;) {
     const page = await selectAuditRange(pool, expectedId, pageSize);
-    // Hashes of this page and the next few, to tell a reordering from an alteration.
+    // Hashes of this page, to tell a reordering from an alteration (others are looked up).
     const nearby = new Map(page.map((e) => [e.hash.toString("hex"), e.id]));
     for (const event of page) {
       if (event.id > head.lastId) break scan;
@@ -57,7 +62,7 @@ export async function verifyAuditChain(pool: Pool, fromId?: bigint): Promise<Ver
         return bad(expectedId, `missing: events ${expectedId}..${event.id - 1n} are not in the log`);
       }
       if (!event.prevHash.equals(expectedPrev)) {
-        const linkedTo = nearby.get(event.prevHash.toString("hex"));
+        const linkedTo = nearby.get(event.prevHash.toString("hex")) ?? (await selectAuditIdByHash(pool, event.prevHash));
         if (linkedTo !== undefined && linkedTo !== event.id) {
           return bad(event.id, `reordered: event ${event.id} follows event ${linkedTo} in the chain, not event ${event.id - 1n}`);
         }
@@ -66,6 +71,7 @@ export async function verifyAuditChain(pool: Pool, fromId?: bigint): Promise<Ver
       if (!eventHash(event.prevHash, event.id, event).equals(event.hash)) {
         return bad(event.id, `altered: event ${event.id}'s content does not match its hash`);
       }
+      if (event.action === "audit_prune" && event.details.checkpoint === unconfirmedCheckpoint?.toString()) unconfirmedCheckpoint = undefined;
       expectedPrev = event.hash;
       expectedId = event.id + 1n;
       checked += 1;
@@ -79,6 +85,9 @@ export async function verifyAuditChain(pool: Pool, fromId?: bigint): Promise<Ver
   }
   if (expectedId - 1n > head.lastId || !expectedPrev.equals(head.lastHash)) {
     return bad(head.lastId, `altered: the chain head (id ${head.lastId}) does not match the newest event`);
+  }
+  if (unconfirmedCheckpoint !== undefined) {
+    return bad(unconfirmedCheckpoint + 1n, `missing: events up to ${unconfirmedCheckpoint} are gone, and no audit_prune event in the log made that checkpoint`);
   }
   return { ok: true, checked, headId: head.lastId };
 

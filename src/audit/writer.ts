@@ -15,8 +15,8 @@
  */
 import type { Pool } from "pg";
 import type { Logger } from "../log.js";
-import { appendAuditEvents, beginAndLockAuditHead } from "../db/queries/audit.js";
-import { eventHash, type AuditEvent, type AuditEventInput } from "./chain.js";
+import { appendAuditEvents, lockAuditHead } from "../db/queries/audit.js";
+import { chainEvents, type AuditEvent, type AuditEventInput } from "./chain.js";
 
 /** The event could not be committed: the call it records must fail. */
 export class AuditUnavailableError extends Error {
@@ -99,16 +99,8 @@ export function createAuditWriter(options: AuditWriterOptions): AuditWriter {
     }
     let broken: Error | undefined;
     try {
-      const head = await beginAndLockAuditHead(client, options.lockTimeoutMs);
-      let prevHash = head.lastHash;
-      let id = head.lastId;
-      const events = batch.map(({ event }) => {
-        id += 1n;
-        const hash = eventHash(prevHash, id, event);
-        const chained: AuditEvent = { ...event, id, prevHash, hash };
-        prevHash = hash;
-        return chained;
-      });
+      const head = await lockAuditHead(client, options.lockTimeoutMs, { begin: true });
+      const events = chainEvents(head, batch.map((w) => w.event));
       await appendAuditEvents(client, events);
       await client.query("commit");
       counters.batches += 1;

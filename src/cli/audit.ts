@@ -10,10 +10,8 @@ import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import type { Config } from "../config.js";
 import { createPool } from "../db/pool.js";
-import { withTransaction } from "../db/transaction.js";
-import { pruneAuditEvents } from "../db/queries/audit.js";
 import { verifyAuditChain } from "../audit/verify.js";
-import { recordCommandEvent } from "../audit/log.js";
+import { pruneAudit } from "../audit/prune.js";
 import { auditActions } from "../audit/chain.js";
 import { TokenVaultService, type AuditEvent } from "../gen/tokenvault/v1/tokenvault_pb.js";
 import type { Logger } from "../log.js";
@@ -74,17 +72,11 @@ async function verify(config: Config, logger: Logger, from: bigint | undefined):
 
 async function prune(config: Config, logger: Logger, before: Date): Promise<number> {
   return withDatabase(config, logger, async (pool) => {
-    const checkpoint = await withTransaction(pool, (client) => pruneAuditEvents(client, before));
+    const checkpoint = await pruneAudit(pool, before, { lockTimeoutMs: config.audit.lockTimeoutMs, by: "cli" });
     if (checkpoint === undefined) {
       console.log(`nothing to prune before ${before.toISOString()}`);
       return 0;
     }
-    // The prune itself is an audited act.
-    await recordCommandEvent(pool, logger, "audit_prune", {
-      before: before.toISOString(),
-      pruned: checkpoint.prunedCount.toString(),
-      checkpoint: checkpoint.lastId.toString(),
-    });
     console.log(`pruned ${checkpoint.prunedCount} events up to ${checkpoint.lastId}; the rest verifies from that checkpoint`);
     return 0;
   });

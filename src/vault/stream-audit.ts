@@ -20,7 +20,7 @@ import {
 } from "../gen/tokenvault/v1/tokenvault_pb.js";
 import { auditActions, detailText, outcomeName, type AuditEvent, type DetailValue } from "../audit/chain.js";
 import { selectAuditEvents, selectAuditHead, type AuditQuery } from "../db/queries/audit.js";
-import { allowsIntegration, allowsUser, type Caller } from "../auth/policy.js";
+import { allowsIntegration, allowsUser, callerNamePattern, type Caller } from "../auth/policy.js";
 import { callContextKey, peerAddressKey } from "./context.js";
 import type { VaultDeps } from "./deps.js";
 import { auditUnavailable } from "./audit-interceptor.js";
@@ -139,7 +139,7 @@ function validateFilter(req: StreamAuditRequest): AuditQuery {
   const since = f?.since === undefined ? undefined : timestampDate(f.since);
   const until = f?.until === undefined ? undefined : timestampDate(f.until);
   if (since !== undefined && until !== undefined && since >= until) throw invalidField("filter.until", "must be after filter.since");
-  if (f?.caller !== undefined && f.caller.length > 64) throw invalidField("filter.caller", "must be at most 64 characters");
+  if (f?.caller && !callerNamePattern.test(f.caller)) throw invalidField("filter.caller", "must be a caller name (1..64 of a-z 0-9 . _ -)");
   return {
     userId: f?.userId ? validateUserId(f.userId, "filter.user_id") : undefined,
     integration: f?.integration ? validateIntegration(f.integration, "filter.integration") : undefined,

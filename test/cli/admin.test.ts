@@ -64,10 +64,11 @@ describe("migrate", () => {
     const result = await runCli(["migrate", "status"], env({ DATABASE_URL: db.url }));
     expect(result.code, result.stderr).toBe(0);
     const lines = printed(result.stdout);
-    expect(lines).toHaveLength(3);
+    expect(lines).toHaveLength(4);
     expect(lines[0]).toMatch(applied("0001_connections"));
     expect(lines[1]).toMatch(applied("0002_encryption_keys"));
     expect(lines[2]).toMatch(applied("0003_callers"));
+    expect(lines[3]).toMatch(applied("0004_audit"));
   });
 
   it("down reverts the last migration, status shows it pending, up applies it again", async () => {
@@ -76,28 +77,37 @@ describe("migrate", () => {
 
     const down = await runCli(["migrate", "down"], e);
     expect(down.code, down.stderr).toBe(0);
-    expect(printed(down.stdout)).toEqual(["reverted  0003_callers"]);
+    expect(printed(down.stdout)).toEqual(["reverted  0004_audit"]);
+    expect(await tableExists(db, "audit_events")).toBe(false);
+    expect(await tableExists(db, "audit_head")).toBe(false);
+    expect(await tableExists(db, "callers")).toBe(true);
+
+    // One more step down takes the callers table and its trigger function.
+    const down2 = await runCli(["migrate", "down"], e);
+    expect(down2.code, down2.stderr).toBe(0);
+    expect(printed(down2.stdout)).toEqual(["reverted  0003_callers"]);
     expect(await tableExists(db, "callers")).toBe(false);
     expect(await tableExists(db, "encryption_keys")).toBe(true);
-    // The down migration takes its trigger function with it.
     const fn = await db.pool.query("select 1 from pg_proc where proname = 'notify_callers_changed'");
     expect(fn.rowCount).toBe(0);
 
     const pending = await runCli(["migrate", "status"], e);
     expect(pending.code, pending.stderr).toBe(0);
     const lines = printed(pending.stdout);
-    expect(lines).toHaveLength(3);
+    expect(lines).toHaveLength(4);
     expect(lines[0]).toMatch(applied("0001_connections"));
     expect(lines[1]).toMatch(applied("0002_encryption_keys"));
     expect(lines[2]).toBe("pending  0003_callers");
+    expect(lines[3]).toBe("pending  0004_audit");
 
     const up = await runCli(["migrate", "up"], e);
     expect(up.code, up.stderr).toBe(0);
-    expect(printed(up.stdout)).toEqual(["applied  0003_callers"]);
+    expect(printed(up.stdout)).toEqual(["applied  0003_callers", "applied  0004_audit"]);
     expect(await tableExists(db, "callers")).toBe(true);
+    expect(await tableExists(db, "audit_events")).toBe(true);
 
     const again = await runCli(["migrate", "status"], e);
-    expect(printed(again.stdout).map((l) => l.split("  ")[0])).toEqual(["applied", "applied", "applied"]);
+    expect(printed(again.stdout).map((l) => l.split("  ")[0])).toEqual(["applied", "applied", "applied", "applied"]);
 
     const nothing = await runCli(["migrate", "up"], e);
     expect(nothing.code).toBe(0);

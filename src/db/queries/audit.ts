@@ -53,12 +53,13 @@ export interface AuditHead {
 }
 
 /**
- * Begins the batch transaction and locks the chain's head until commit; one
- * round trip. Durable whatever the database default: synchronous_commit is on.
+ * Locks the chain's head until commit (beginning the transaction first when
+ * asked, in the same round trip) and returns it. Durable whatever the database
+ * default: synchronous_commit is on.
  */
-export async function beginAndLockAuditHead(client: PoolClient, lockTimeoutMs: number): Promise<AuditHead> {
+export async function lockAuditHead(client: PoolClient, lockTimeoutMs: number, options: { begin: boolean }): Promise<AuditHead> {
   const results = (await client.query(
-    `begin; set local lock_timeout = ${Math.max(1, Math.trunc(lockTimeoutMs))}; set local synchronous_commit = on;
+    `${options.begin ? "begin; " : ""}set local lock_timeout = ${Math.max(1, Math.trunc(lockTimeoutMs))}; set local synchronous_commit = on;
      select last_id, last_hash from audit_head for update`,
   )) as unknown as { rows: { last_id: string; last_hash: Buffer }[] }[];
   const row = results[results.length - 1]!.rows[0];
@@ -160,6 +161,12 @@ export async function selectAuditRange(db: Queryable, fromId: bigint, limit: num
     [fromId.toString(), limit],
   );
   return result.rows.map(eventFromRow);
+}
+
+/** The id of the event with this hash, if any (slow: only for explaining a broken chain). */
+export async function selectAuditIdByHash(db: Queryable, hash: Buffer): Promise<bigint | undefined> {
+  const result = await db.query<{ id: string }>("select id from audit_events where hash = $1::bytea limit 1", [hash]);
+  return result.rows[0] === undefined ? undefined : BigInt(result.rows[0].id);
 }
 
 /** One event by id. */
