@@ -4,6 +4,8 @@
  * into one frozen, typed object or throws a ConfigError whose message is the one
  * line an operator needs to fix it.
  */
+import { providerSettingsFromEnv, type ProviderSettings } from "./providers/catalogue.js";
+import type { RefreshSettings } from "./refresh/refresher.js";
 import path from "node:path";
 
 /** A configuration problem; its message names the setting and what to do. */
@@ -51,7 +53,20 @@ export interface Config {
   readonly shutdownGraceMs: number;
   /** The audit log's group commit and live feed. */
   readonly audit: AuditSettings;
+  /** A provider catalogue file merged over the built-in one. */
+  readonly providersFile: string | undefined;
+  /** Client credentials and URL parameters per provider (TOKENVAULT_PROVIDER_<NAME>_...). */
+  readonly providerSettings: (provider: string) => ProviderSettings;
+  /** Refresh on Get: provider timeout and backoff. */
+  readonly refresh: RefreshSettings;
 }
+
+/** The refresh settings when no variable sets them. */
+export const defaultRefreshSettings: RefreshSettings = Object.freeze({
+  providerTimeoutMs: 10_000,
+  backoffBaseMs: 2_000,
+  backoffMaxMs: 300_000,
+});
 
 /** The audit settings when no variable sets them. */
 export const defaultAuditSettings: AuditSettings = Object.freeze({
@@ -163,6 +178,13 @@ export function loadConfig(env: Env = process.env): Config {
     maxMessageBytes: integer(env, "TOKENVAULT_MAX_MESSAGE_BYTES", 256 * 1024, 64 * 1024, 16 * 1024 * 1024),
     dbPoolMax: integer(env, "TOKENVAULT_DB_POOL_MAX", 10, 1, 1000),
     shutdownGraceMs: integer(env, "TOKENVAULT_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000),
+    providersFile: nonEmpty(env, "TOKENVAULT_PROVIDERS_FILE") === undefined ? undefined : path.resolve(nonEmpty(env, "TOKENVAULT_PROVIDERS_FILE")!),
+    providerSettings: providerSettingsFromEnv({ ...env }),
+    refresh: Object.freeze({
+      providerTimeoutMs: integer(env, "TOKENVAULT_REFRESH_TIMEOUT_MS", defaultRefreshSettings.providerTimeoutMs, 100, 120_000),
+      backoffBaseMs: integer(env, "TOKENVAULT_REFRESH_BACKOFF_BASE_MS", defaultRefreshSettings.backoffBaseMs, 10, 3_600_000),
+      backoffMaxMs: integer(env, "TOKENVAULT_REFRESH_BACKOFF_MAX_MS", defaultRefreshSettings.backoffMaxMs, 10, 86_400_000),
+    }),
     audit: Object.freeze({
       maxBatch: integer(env, "TOKENVAULT_AUDIT_MAX_BATCH", defaultAuditSettings.maxBatch, 1, 10_000),
       maxWaitMs: integer(env, "TOKENVAULT_AUDIT_MAX_WAIT_MS", defaultAuditSettings.maxWaitMs, 0, 1_000),

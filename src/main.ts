@@ -10,6 +10,7 @@ import { KeyMismatchError } from "./keys/verify.js";
 import { CallerAdminError } from "./auth/caller-admin.js";
 import { createLogger } from "./log.js";
 import { callersCommand } from "./cli/callers.js";
+import { CatalogueError } from "./providers/catalogue.js";
 import { auditCommand } from "./cli/audit.js";
 import { generateKeyCommand, keysCommand } from "./cli/keys.js";
 import { migrateCommand, UsageError } from "./cli/migrate.js";
@@ -135,7 +136,7 @@ main(process.argv.slice(2)).then(
       console.error(`tokenvault: ${(err as Error).message}\n\n${usage}`);
       process.exit(2);
     }
-    if (err instanceof ConfigError || err instanceof KeyRingError || err instanceof KeyMismatchError || err instanceof CallerAdminError) {
+    if (err instanceof ConfigError || err instanceof KeyRingError || err instanceof KeyMismatchError || err instanceof CallerAdminError || err instanceof CatalogueError) {
       console.error(`tokenvault: ${err.message}`);
       process.exit(1);
     }

@@ -13,6 +13,8 @@ import { ensureDevCaller } from "../auth/caller-admin.js";
 import { createCallerRegistry } from "../auth/caller-registry.js";
 import { buildServer } from "../vault/server.js";
 import { openAuditLog } from "../audit/log.js";
+import { loadCatalogue } from "../providers/catalogue.js";
+import { createRefresher } from "../refresh/refresher.js";
 import { openDatabase } from "./database.js";
 
 /** Runs the vault until a signal stops it; resolves when it has shut down. */
@@ -69,9 +71,12 @@ export async function serve(config: Config, logger: Logger): Promise<void> {
     logger.warn("no callers are defined: nothing can call this vault until one is added (tokenvault callers add NAME --allow ... --integrations ...)");
   }
 
+  const catalogue = loadCatalogue({ overrideFile: config.providersFile, settings: config.providerSettings });
+  const now = () => new Date();
+  const refresher = createRefresher({ pool, keyRing: keys.ring, catalogue, now, settings: config.refresh });
   const audit = await openAuditLog({ pool, logger, listenUrl: database.url, settings: config.audit });
   const server = buildServer({
-    deps: { pool, keyRing: keys.ring, now: () => new Date(), audit },
+    deps: { pool, keyRing: keys.ring, now, audit, refresher, catalogue, refreshTimeoutMs: config.refresh.providerTimeoutMs },
     logger,
     callers,
     openServices: config.openServices,

@@ -13,7 +13,7 @@ import { create } from "@bufbuild/protobuf";
 import { AuditUnavailableError, type AuditWriter } from "../audit/writer.js";
 import { detailText, outcomeName, type AuditAction, type AuditEventInput, type DetailValue } from "../audit/chain.js";
 import { callerKey, claimedCallerKey } from "../auth/interceptor.js";
-import { ErrorDetailSchema, ErrorReason, TokenVaultService } from "../gen/tokenvault/v1/tokenvault_pb.js";
+import { ErrorDetailSchema, ErrorReason, RevocationStatus, TokenVaultService } from "../gen/tokenvault/v1/tokenvault_pb.js";
 import { callContextKey, peerAddressKey } from "./context.js";
 import { toConnectError } from "./errors.js";
 import { validateIntegration, validateUserId } from "./validate.js";
@@ -22,6 +22,11 @@ import { validateIntegration, validateUserId } from "./validate.js";
 export interface AuditNote {
   /** Facts for the event's details; never a secret. */
   details: Record<string, DetailValue>;
+  /**
+   * Further events of the same call, recorded before its own (a Get that
+   * refreshed also writes the refresh or refresh_failed event).
+   */
+  events: { action: AuditAction; outcome: string; details: Record<string, DetailValue> }[];
 }
 
 /** The current call's audit note; handlers add details to it. */
@@ -53,7 +58,7 @@ export function auditInterceptor(writer: AuditWriter): Interceptor {
   return (next) => async (req) => {
     if (req.service.typeName !== TokenVaultService.typeName) return next(req);
     const occurredAt = new Date();
-    const note: AuditNote = { details: {} };
+    const note: AuditNote = { details: {}, events: [] };
     req.contextValues.set(auditNoteKey, note);
     let response: Awaited<ReturnType<typeof next>> | undefined;
     let failure: unknown;
@@ -82,7 +87,11 @@ export function auditInterceptor(writer: AuditWriter): Interceptor {
     };
     if (code === undefined && response !== undefined) Object.assign(event.details, responseDetails(rpc, response as UnaryResponse));
     try {
-      await writer.record(event);
+      // Queued together, so they share a batch and keep their order.
+      await Promise.all([
+        ...note.events.map((extra) => writer.record({ ...event, ...extra, details: { rpc, ...extra.details } })),
+        writer.record(event),
+      ]);
     } catch (err) {
       if (!(err instanceof AuditUnavailableError)) throw err;
       if (failure === undefined && mutating.has(rpc)) {
@@ -126,10 +135,18 @@ function responseDetails(rpc: string, response: UnaryResponse): Record<string, D
   switch (rpc) {
     case "Get":
       return { refreshed: m.refreshed === true, refresh_token_returned: typeof m.refreshToken === "string" };
-    case "Remove":
-      return { existed: m.existed === true };
-    case "ClearUser":
-      return { removed: Number(m.removedCount ?? 0) };
+    case "Remove": {
+      const revocation = m.revocation as { status?: RevocationStatus } | undefined;
+      const asked = revocation?.status !== undefined && revocation.status !== RevocationStatus.NOT_REQUESTED;
+      return { existed: m.existed === true, ...(asked ? { revocation: RevocationStatus[revocation.status!]!.toLowerCase() } : {}) };
+    }
+    case "ClearUser": {
+      const revocations = (m.revocations ?? []) as { integration: string; status: RevocationStatus }[];
+      return {
+        removed: Number(m.removedCount ?? 0),
+        ...(revocations.length > 0 ? { revocations: Object.fromEntries(revocations.map((r) => [r.integration, RevocationStatus[r.status]!.toLowerCase()])) } : {}),
+      };
+    }
     case "ListConnections":
       return { connections: Array.isArray(m.connections) ? m.connections.length : 0 };
     case "VerifyAudit":

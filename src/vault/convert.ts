@@ -16,11 +16,14 @@ import type { ConnectionMetadataRow } from "../db/queries/connections.js";
 export type ConnectionFields = Pick<
   ConnectionMetadataRow,
   | "user_id" | "integration" | "scopes" | "token_type" | "expires_at" | "status" | "created_at" | "updated_at"
-  | "last_used_at" | "issued_at" | "ip_address" | "user_agent"
+  | "last_used_at" | "issued_at" | "ip_address" | "user_agent" | "refresh_token_expires_at" | "last_refreshed_at"
 > & { has_refresh_token: boolean };
 
-/** Builds the Connection message for a row. */
-export function connectionFromRow(row: ConnectionFields): Connection {
+/** A refresh token this close to its end makes ListConnections warn. */
+const expiringSoonMs = 7 * 24 * 3600 * 1000;
+
+/** Builds the Connection message for a row; `now` decides what "expiring soon" means. */
+export function connectionFromRow(row: ConnectionFields, now: Date = new Date()): Connection {
   return create(ConnectionSchema, {
     userId: row.user_id,
     integration: row.integration,
@@ -34,5 +37,9 @@ export function connectionFromRow(row: ConnectionFields): Connection {
     lastUsedAt: row.last_used_at === null ? undefined : timestampFromDate(row.last_used_at),
     issuedAt: timestampFromDate(row.issued_at),
     consent: create(ConsentMetadataSchema, { ipAddress: row.ip_address ?? "", userAgent: row.user_agent ?? "" }),
+    refreshTokenExpiresAt: row.refresh_token_expires_at === null ? undefined : timestampFromDate(row.refresh_token_expires_at),
+    refreshTokenExpiringSoon:
+      row.has_refresh_token && row.refresh_token_expires_at !== null && row.refresh_token_expires_at.getTime() - now.getTime() < expiringSoonMs,
+    lastRefreshedAt: row.last_refreshed_at === null ? undefined : timestampFromDate(row.last_refreshed_at),
   });
 }

@@ -6,6 +6,8 @@ import type { Pool } from "pg";
 import type { KeyRing } from "../crypto/key-ring.js";
 import type { AuditFeed } from "../audit/feed.js";
 import type { AuditWriter } from "../audit/writer.js";
+import type { Refresher } from "../refresh/refresher.js";
+import type { Catalogue } from "../providers/catalogue.js";
 
 /** The audit log's parts the handlers use. */
 export interface AuditDeps {
@@ -24,4 +26,10 @@ export interface VaultDeps {
   /** The time, for expires_in; injectable for tests. */
   readonly now: () => Date;
   readonly audit: AuditDeps;
+  /** Refreshes expiring tokens on Get. */
+  readonly refresher: Refresher;
+  /** The provider catalogue (refresh and revocation endpoints). */
+  readonly catalogue: Catalogue;
+  /** Longest a provider call (revocation) may take. */
+  readonly refreshTimeoutMs: number;
 }

@@ -1,37 +1,50 @@
 /**
- * Get: read the connection (marking it used), open its secrets, answer.
- *
- * min_valid_for and the refresh mode are validated here so the contract is
- * final; refreshing an expiring token is the refresh module's job (issue #5):
- * until then a token is returned as stored and `refreshed` is false.
+ * Get: read the connection (marking it used), open its secrets, refresh them
+ * first when the access token would not stay valid for min_valid_for (unless
+ * refresh is off), answer. The refresh's own audit event joins the call's.
  */
 import { create, type JsonObject } from "@bufbuild/protobuf";
-import { GetResponseSchema, type GetRequest, type GetResponse } from "../gen/tokenvault/v1/tokenvault_pb.js";
+import type { HandlerContext } from "@connectrpc/connect";
+import { GetResponseSchema, RefreshMode, type GetRequest, type GetResponse } from "../gen/tokenvault/v1/tokenvault_pb.js";
 import { openSecrets } from "../crypto/token-seal.js";
 import { selectConnectionForUse } from "../db/queries/connections.js";
+import { needsReauth } from "../refresh/refresher.js";
+import { auditNoteKey } from "./audit-interceptor.js";
 import { connectionFromRow } from "./convert.js";
 import type { VaultDeps } from "./deps.js";
 import { connectionNotFound } from "./errors.js";
 import { validateIntegration, validateMinValidFor, validateRefreshMode, validateUserId } from "./validate.js";
 
 /** Handles TokenVaultService.Get. */
-export async function get(deps: VaultDeps, req: GetRequest): Promise<GetResponse> {
+export async function get(deps: VaultDeps, req: GetRequest, ctx: HandlerContext): Promise<GetResponse> {
   const userId = validateUserId(req.userId);
   const integration = validateIntegration(req.integration);
-  validateMinValidFor(req.minValidFor);
-  validateRefreshMode(req.refresh);
+  const minValidForSeconds = validateMinValidFor(req.minValidFor);
+  const mode = validateRefreshMode(req.refresh);
 
-  const row = await selectConnectionForUse(deps.pool, userId, integration);
-  if (row === undefined) throw connectionNotFound();
+  const read = await selectConnectionForUse(deps.pool, userId, integration);
+  if (read === undefined) throw connectionNotFound();
+  // A connection whose refresh token the provider refused answers at once, without the provider.
+  if (read.status === "needs_reauth") throw needsReauth("the provider refused its refresh token");
   // Throws IntegrityError (-> DATA_LOSS) before anything is returned.
-  const secrets = openSecrets(deps.keyRing, { userId, integration }, {
-    keyId: row.key_id,
-    accessToken: row.access_token_sealed,
-    refreshToken: row.refresh_token_sealed,
-    idToken: row.id_token_sealed,
-    extras: row.extras_sealed,
+  const opened = openSecrets(deps.keyRing, { userId, integration }, {
+    keyId: read.key_id,
+    accessToken: read.access_token_sealed,
+    refreshToken: read.refresh_token_sealed,
+    idToken: read.id_token_sealed,
+    extras: read.extras_sealed,
   });
-  const connection = connectionFromRow({ ...row, has_refresh_token: row.refresh_token_sealed !== null });
+  const note = ctx.values.get(auditNoteKey);
+  const { row, secrets, refreshed } = mode === RefreshMode.NEVER
+    ? { row: read, secrets: opened, refreshed: false }
+    : await deps.refresher.ensureFresh({
+        row: read,
+        secrets: opened,
+        minValidForMs: minValidForSeconds * 1000,
+        deadlineMs: ctx.timeoutMs(),
+        onEvent: (event) => note?.events.push(event),
+      });
+  const connection = connectionFromRow({ ...row, has_refresh_token: row.refresh_token_sealed !== null }, deps.now());
   return create(GetResponseSchema, {
     accessToken: secrets.accessToken,
     tokenType: row.token_type,
@@ -41,7 +54,7 @@ export async function get(deps: VaultDeps, req: GetRequest): Promise<GetResponse
     // The auth interceptor already refused include_refresh_token to callers not allowed it.
     refreshToken: req.includeRefreshToken ? secrets.refreshToken : undefined,
     extras: secrets.extrasJson === undefined ? undefined : (JSON.parse(secrets.extrasJson) as JsonObject),
-    refreshed: false,
+    refreshed,
     connection,
   });
 }

@@ -23,5 +23,5 @@ export async function listConnections(
   const rows = await selectUserConnections(deps.pool, userId);
   // A caller limited to some integrations does not learn that others are connected.
   const visible = rows.filter((row) => allowsIntegration(caller.policy, row.integration));
-  return create(ListConnectionsResponseSchema, { connections: visible.map(connectionFromRow) });
+  return create(ListConnectionsResponseSchema, { connections: visible.map((row) => connectionFromRow(row, deps.now())) });
 }

@@ -28,7 +28,7 @@ export function createRoutes(deps: VaultDeps, health: HealthService): (router: C
   return (router) => {
     router.service(TokenVaultService, {
       store: (req) => store(deps, req),
-      get: (req) => get(deps, req),
+      get: (req, ctx) => get(deps, req, ctx),
       remove: (req) => remove(deps, req),
       clearUser: (req) => clearUser(deps, req),
       listConnections: (req, ctx) => listConnections(deps, req, authenticatedCaller(ctx.values)),

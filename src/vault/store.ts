@@ -31,5 +31,5 @@ export async function store(deps: VaultDeps, req: StoreRequest): Promise<StoreRe
     ipAddress: consent.ipAddress,
     userAgent: consent.userAgent,
   });
-  return create(StoreResponseSchema, { connection: connectionFromRow(row), created: row.created });
+  return create(StoreResponseSchema, { connection: connectionFromRow(row, deps.now()), created: row.created });
 }

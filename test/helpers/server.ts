@@ -20,7 +20,9 @@ import { createCallerRegistry, type CallerRegistry } from "../../src/auth/caller
 import { rpcNames } from "../../src/auth/policy.js";
 import { captureLogs, type CapturedLogs } from "./logs.js";
 import { openAuditLog, type AuditLog } from "../../src/audit/log.js";
-import { defaultAuditSettings, type AuditSettings } from "../../src/config.js";
+import { defaultAuditSettings, defaultRefreshSettings, type AuditSettings } from "../../src/config.js";
+import { loadCatalogue, type Catalogue } from "../../src/providers/catalogue.js";
+import { createRefresher, type RefreshSettings } from "../../src/refresh/refresher.js";
 
 /** The repository's proto/ folder. */
 export const protoDir = fileURLToPath(new URL("../../proto", import.meta.url));
@@ -62,6 +64,10 @@ export interface StartVaultOptions {
   tls?: { certFile: string; keyFile: string; clientCaFile?: string };
   /** Audit settings that differ from the defaults (a short lock timeout, a small max lag ...). */
   audit?: Partial<AuditSettings>;
+  /** The provider catalogue; default: the built-in one without client credentials. */
+  catalogue?: Catalogue;
+  /** Refresh settings that differ from the defaults. */
+  refresh?: Partial<RefreshSettings>;
 }
 
 /** Sends `authorization: Bearer <secret>` on every call. */
@@ -93,8 +99,25 @@ export async function startVault(options: StartVaultOptions): Promise<TestVault>
     listenUrl: options.listenUrl,
     settings: { ...defaultAuditSettings, ...options.audit },
   });
+  const now = options.now ?? (() => new Date());
+  const catalogue = options.catalogue ?? loadCatalogue({ settings: () => ({}) });
+  const refresher = createRefresher({
+    pool: options.pool,
+    keyRing: options.keyRing,
+    catalogue,
+    now,
+    settings: { ...defaultRefreshSettings, ...options.refresh },
+  });
   const server = buildServer({
-    deps: { pool: options.pool, keyRing: options.keyRing, now: options.now ?? (() => new Date()), audit },
+    deps: {
+      pool: options.pool,
+      keyRing: options.keyRing,
+      now,
+      audit,
+      refresher,
+      catalogue,
+      refreshTimeoutMs: options.refresh?.providerTimeoutMs ?? defaultRefreshSettings.providerTimeoutMs,
+    },
     logger: logs.logger,
     callers,
     openServices: options.openServices ?? new Set(["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"]),

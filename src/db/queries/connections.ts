@@ -27,6 +27,10 @@ export interface ConnectionRow {
   updated_at: Date;
   last_used_at: Date | null;
   issued_at: Date;
+  refresh_token_expires_at: Date | null;
+  last_refreshed_at: Date | null;
+  refresh_failures: number;
+  refresh_retry_at: Date | null;
 }
 
 /** A connections row without its sealed columns, for listings. */
@@ -37,7 +41,14 @@ export type ConnectionMetadataRow = Omit<
 
 const metadataColumns = `id, user_id, integration, key_id, token_type, scopes, expires_at, status, generation,
   host(ip_address) as ip_address, user_agent, created_at, updated_at, last_used_at, issued_at,
+  refresh_token_expires_at, last_refreshed_at, refresh_failures, refresh_retry_at,
   refresh_token_sealed is not null as has_refresh_token`;
+
+/** Every column of a row, sealed ones included. */
+const rowColumns = `id, user_id, integration, key_id, access_token_sealed, refresh_token_sealed, id_token_sealed,
+  extras_sealed, token_type, scopes, expires_at, status, generation, host(ip_address) as ip_address,
+  user_agent, created_at, updated_at, last_used_at, issued_at, refresh_token_expires_at, last_refreshed_at,
+  refresh_failures, refresh_retry_at`;
 
 /** What Store writes. */
 export interface UpsertConnection {
@@ -83,7 +94,12 @@ export async function upsertConnection(
        status = 'active',
        generation = c.generation + 1,
        updated_at = now(),
-       issued_at = now()
+       issued_at = now(),
+       -- a new token set from a new consent: nothing about the old one holds
+       refresh_token_expires_at = null,
+       last_refreshed_at = null,
+       refresh_failures = 0,
+       refresh_retry_at = null
      returning ${metadataColumns}, (xmax = 0) as created`,
     [
       c.userId, c.integration, c.keyId, c.accessTokenSealed, c.refreshTokenSealed, c.idTokenSealed,
@@ -105,12 +121,67 @@ export async function selectConnectionForUse(
   const result = await db.query<ConnectionRow>(
     `update connections set last_used_at = now()
      where user_id = $1::text and integration = $2::text
-     returning id, user_id, integration, key_id, access_token_sealed, refresh_token_sealed, id_token_sealed,
-       extras_sealed, token_type, scopes, expires_at, status, generation, host(ip_address) as ip_address,
-       user_agent, created_at, updated_at, last_used_at, issued_at`,
+     returning ${rowColumns}`,
     [userId, integration],
   );
   return result.rows[0];
+}
+
+/**
+ * Locks the connection for the rest of the transaction (the refresh fence:
+ * one refresher per connection across every replica) and returns it.
+ */
+export async function lockConnection(client: PoolClient, userId: string, integration: string): Promise<ConnectionRow | undefined> {
+  const result = await client.query<ConnectionRow>(
+    `select ${rowColumns} from connections where user_id = $1::text and integration = $2::text for update`,
+    [userId, integration],
+  );
+  return result.rows[0];
+}
+
+/** What a successful refresh writes; every sealed column under `keyId`. */
+export interface RefreshedColumns {
+  keyId: string;
+  accessTokenSealed: Buffer;
+  refreshTokenSealed: Buffer | null;
+  idTokenSealed: Buffer | null;
+  extrasSealed: Buffer | null;
+  tokenType: string;
+  scopes: string[];
+  expiresAt: Date | null;
+  refreshTokenExpiresAt: Date | null;
+}
+
+/** Writes a refreshed token set (new generation, failures cleared) and returns the row. */
+export async function updateRefreshedTokens(client: PoolClient, id: string, c: RefreshedColumns): Promise<ConnectionRow> {
+  const result = await client.query<ConnectionRow>(
+    `update connections set key_id = $2::text, access_token_sealed = $3::bytea, refresh_token_sealed = $4::bytea,
+       id_token_sealed = $5::bytea, extras_sealed = $6::bytea, token_type = $7::text, scopes = $8::text[],
+       expires_at = $9::timestamptz, refresh_token_expires_at = $10::timestamptz, status = 'active',
+       generation = generation + 1, updated_at = now(), last_refreshed_at = now(), refresh_failures = 0,
+       refresh_retry_at = null
+     where id = $1::bigint
+     returning ${rowColumns}`,
+    [id, c.keyId, c.accessTokenSealed, c.refreshTokenSealed, c.idTokenSealed, c.extrasSealed, c.tokenType, c.scopes,
+      c.expiresAt, c.refreshTokenExpiresAt],
+  );
+  return result.rows[0]!;
+}
+
+/** Marks the connection as needing a new consent (the provider refused its refresh token). */
+export async function markNeedsReauth(client: PoolClient, id: string): Promise<void> {
+  await client.query(
+    "update connections set status = 'needs_reauth', generation = generation + 1, updated_at = now() where id = $1::bigint",
+    [id],
+  );
+}
+
+/** Counts a transient refresh failure and sets when the provider may be tried again. */
+export async function recordRefreshFailure(client: PoolClient, id: string, retryAt: Date): Promise<void> {
+  await client.query(
+    "update connections set refresh_failures = refresh_failures + 1, refresh_retry_at = $2::timestamptz where id = $1::bigint",
+    [id, retryAt],
+  );
 }
 
 /** Deletes one connection; true when it existed. */
@@ -120,6 +191,21 @@ export async function deleteConnection(db: Queryable, userId: string, integratio
     integration,
   ]);
   return result.rowCount === 1;
+}
+
+/** Deletes one connection and returns what it held (for revocation at the provider). */
+export async function deleteConnectionReturning(db: Queryable, userId: string, integration: string): Promise<ConnectionRow[]> {
+  const result = await db.query<ConnectionRow>(
+    `delete from connections where user_id = $1::text and integration = $2::text returning ${rowColumns}`,
+    [userId, integration],
+  );
+  return result.rows;
+}
+
+/** Deletes every connection of a user and returns what they held, by integration. */
+export async function deleteUserConnectionsReturning(db: Queryable, userId: string): Promise<ConnectionRow[]> {
+  const result = await db.query<ConnectionRow>(`delete from connections where user_id = $1::text returning ${rowColumns}`, [userId]);
+  return result.rows.sort((a, b) => a.integration.localeCompare(b.integration));
 }
 
 /** Deletes every connection of a user; returns how many. */

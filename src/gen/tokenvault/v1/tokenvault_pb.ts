@@ -27,7 +27,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file tokenvault/v1/tokenvault.proto.
  */
 export const file_tokenvault_v1_tokenvault: GenFile = /*@__PURE__*/
-  fileDesc("Ch50b2tlbnZhdWx0L3YxL3Rva2VudmF1bHQucHJvdG8SDXRva2VudmF1bHQudjEirAIKCFRva2VuU2V0EhQKDGFjY2Vzc190b2tlbhgBIAEoCRIaCg1yZWZyZXNoX3Rva2VuGAIgASgJSAGIAQESEgoKdG9rZW5fdHlwZRgDIAEoCRIOCgZzY29wZXMYBCADKAkSMAoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBIABIvCgpleHBpcmVzX2luGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uSAASFQoIaWRfdG9rZW4YByABKAlIAogBARInCgZleHRyYXMYCCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0QggKBmV4cGlyeUIQCg5fcmVmcmVzaF90b2tlbkILCglfaWRfdG9rZW4iOQoPQ29uc2VudE1ldGFkYXRhEhIKCmlwX2FkZHJlc3MYASABKAkSEgoKdXNlcl9hZ2VudBgCIAEoCSLEAwoKQ29ubmVjdGlvbhIPCgd1c2VyX2lkGAEgASgJEhMKC2ludGVncmF0aW9uGAIgASgJEg4KBnNjb3BlcxgDIAMoCRISCgp0b2tlbl90eXBlGAQgASgJEi4KCmV4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KBnN0YXR1cxgGIAEoDjIfLnRva2VudmF1bHQudjEuQ29ubmVjdGlvblN0YXR1cxIZChFoYXNfcmVmcmVzaF90b2tlbhgHIAEoCBIuCgpjcmVhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxsYXN0X3VzZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWlzc3VlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoHY29uc2VudBgMIAEoCzIeLnRva2VudmF1bHQudjEuQ29uc2VudE1ldGFkYXRhIpIBCgxTdG9yZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRITCgtpbnRlZ3JhdGlvbhgCIAEoCRIqCgl0b2tlbl9zZXQYAyABKAsyFy50b2tlbnZhdWx0LnYxLlRva2VuU2V0EjAKCG1ldGFkYXRhGAQgASgLMh4udG9rZW52YXVsdC52MS5Db25zZW50TWV0YWRhdGEiTwoNU3RvcmVSZXNwb25zZRItCgpjb25uZWN0aW9uGAEgASgLMhkudG9rZW52YXVsdC52MS5Db25uZWN0aW9uEg8KB2NyZWF0ZWQYAiABKAgisAEKCkdldFJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRITCgtpbnRlZ3JhdGlvbhgCIAEoCRIwCg1taW5fdmFsaWRfZm9yGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEisKB3JlZnJlc2gYBCABKA4yGi50b2tlbnZhdWx0LnYxLlJlZnJlc2hNb2RlEh0KFWluY2x1ZGVfcmVmcmVzaF90b2tlbhgFIAEoCCK0AgoLR2V0UmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEhIKCnRva2VuX3R5cGUYAiABKAkSLgoKZXhwaXJlc19hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGc2NvcGVzGAQgAygJEhUKCGlkX3Rva2VuGAUgASgJSACIAQESJwoGZXh0cmFzGAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIRCglyZWZyZXNoZWQYByABKAgSLQoKY29ubmVjdGlvbhgIIAEoCzIZLnRva2VudmF1bHQudjEuQ29ubmVjdGlvbhIaCg1yZWZyZXNoX3Rva2VuGAkgASgJSAGIAQFCCwoJX2lkX3Rva2VuQhAKDl9yZWZyZXNoX3Rva2VuIjUKDVJlbW92ZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRITCgtpbnRlZ3JhdGlvbhgCIAEoCSIhCg5SZW1vdmVSZXNwb25zZRIPCgdleGlzdGVkGAEgASgIIiMKEENsZWFyVXNlclJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSIqChFDbGVhclVzZXJSZXNwb25zZRIVCg1yZW1vdmVkX2NvdW50GAEgASgFIikKFkxpc3RDb25uZWN0aW9uc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSJJChdMaXN0Q29ubmVjdGlvbnNSZXNwb25zZRIuCgtjb25uZWN0aW9ucxgBIAMoCzIZLnRva2VudmF1bHQudjEuQ29ubmVjdGlvbiKqAQoLQXVkaXRGaWx0ZXISDwoHdXNlcl9pZBgBIAEoCRITCgtpbnRlZ3JhdGlvbhgCIAEoCRIOCgZjYWxsZXIYAyABKAkSDwoHYWN0aW9ucxgEIAMoCRIpCgVzaW5jZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKQoFdW50aWwYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImYKElN0cmVhbUF1ZGl0UmVxdWVzdBIqCgZmaWx0ZXIYASABKAsyGi50b2tlbnZhdWx0LnYxLkF1ZGl0RmlsdGVyEhQKDGFmdGVyX2N1cnNvchgCIAEoBBIOCgZmb2xsb3cYAyABKAgiPwoTU3RyZWFtQXVkaXRSZXNwb25zZRIoCgVldmVudBgBIAEoCzIZLnRva2VudmF1bHQudjEuQXVkaXRFdmVudCKRAgoKQXVkaXRFdmVudBIOCgZjdXJzb3IYASABKAQSLwoLb2NjdXJyZWRfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmNhbGxlchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDwoHdXNlcl9pZBgFIAEoCRITCgtpbnRlZ3JhdGlvbhgGIAEoCRIPCgdvdXRjb21lGAcgASgJEhIKCnJlcXVlc3RfaWQYCCABKAkSDAoEcGVlchgJIAEoCRIoCgdkZXRhaWxzGAogASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIRCglwcmV2X2hhc2gYCyABKAwSDAoEaGFzaBgMIAEoDCIpChJWZXJpZnlBdWRpdFJlcXVlc3QSEwoLZnJvbV9jdXJzb3IYASABKAQicgoTVmVyaWZ5QXVkaXRSZXNwb25zZRIKCgJvaxgBIAEoCBIPCgdjaGVja2VkGAIgASgEEhgKEGZpcnN0X2JhZF9jdXJzb3IYAyABKAQSDwoHcHJvYmxlbRgEIAEoCRITCgtoZWFkX2N1cnNvchgFIAEoBCIuCg9BdWRpdFJlc3VtZUluZm8SGwoTcmVzdW1lX2FmdGVyX2N1cnNvchgBIAEoBCJICgtFcnJvckRldGFpbBIqCgZyZWFzb24YASABKA4yGi50b2tlbnZhdWx0LnYxLkVycm9yUmVhc29uEg0KBWZpZWxkGAIgASgJKncKEENvbm5lY3Rpb25TdGF0dXMSIQodQ09OTkVDVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIcChhDT05ORUNUSU9OX1NUQVRVU19BQ1RJVkUQARIiCh5DT05ORUNUSU9OX1NUQVRVU19ORUVEU19SRUFVVEgQAipaCgtSZWZyZXNoTW9kZRIcChhSRUZSRVNIX01PREVfVU5TUEVDSUZJRUQQABIVChFSRUZSRVNIX01PREVfQVVUTxABEhYKElJFRlJFU0hfTU9ERV9ORVZFUhACKv8BCgtFcnJvclJlYXNvbhIcChhFUlJPUl9SRUFTT05fVU5TUEVDSUZJRUQQABIeChpFUlJPUl9SRUFTT05fSU5WQUxJRF9GSUVMRBABEiUKIUVSUk9SX1JFQVNPTl9DT05ORUNUSU9OX05PVF9GT1VORBACEh0KGUVSUk9SX1JFQVNPTl9ORUVEU19SRUFVVEgQAxIiCh5FUlJPUl9SRUFTT05fSU5URUdSSVRZX0ZBSUxVUkUQBBIkCiBFUlJPUl9SRUFTT05fU1RPUkFHRV9VTkFWQUlMQUJMRRAFEiIKHkVSUk9SX1JFQVNPTl9BVURJVF9VTkFWQUlMQUJMRRAGMssEChFUb2tlblZhdWx0U2VydmljZRJCCgVTdG9yZRIbLnRva2VudmF1bHQudjEuU3RvcmVSZXF1ZXN0GhwudG9rZW52YXVsdC52MS5TdG9yZVJlc3BvbnNlEjwKA0dldBIZLnRva2VudmF1bHQudjEuR2V0UmVxdWVzdBoaLnRva2VudmF1bHQudjEuR2V0UmVzcG9uc2USRQoGUmVtb3ZlEhwudG9rZW52YXVsdC52MS5SZW1vdmVSZXF1ZXN0Gh0udG9rZW52YXVsdC52MS5SZW1vdmVSZXNwb25zZRJOCglDbGVhclVzZXISHy50b2tlbnZhdWx0LnYxLkNsZWFyVXNlclJlcXVlc3QaIC50b2tlbnZhdWx0LnYxLkNsZWFyVXNlclJlc3BvbnNlEmUKD0xpc3RDb25uZWN0aW9ucxIlLnRva2VudmF1bHQudjEuTGlzdENvbm5lY3Rpb25zUmVxdWVzdBomLnRva2VudmF1bHQudjEuTGlzdENvbm5lY3Rpb25zUmVzcG9uc2UiA5ACARJbCgtTdHJlYW1BdWRpdBIhLnRva2VudmF1bHQudjEuU3RyZWFtQXVkaXRSZXF1ZXN0GiIudG9rZW52YXVsdC52MS5TdHJlYW1BdWRpdFJlc3BvbnNlIgOQAgEwARJZCgtWZXJpZnlBdWRpdBIhLnRva2VudmF1bHQudjEuVmVyaWZ5QXVkaXRSZXF1ZXN0GiIudG9rZW52YXVsdC52MS5WZXJpZnlBdWRpdFJlc3BvbnNlIgOQAgFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Ch50b2tlbnZhdWx0L3YxL3Rva2VudmF1bHQucHJvdG8SDXRva2VudmF1bHQudjEirAIKCFRva2VuU2V0EhQKDGFjY2Vzc190b2tlbhgBIAEoCRIaCg1yZWZyZXNoX3Rva2VuGAIgASgJSAGIAQESEgoKdG9rZW5fdHlwZRgDIAEoCRIOCgZzY29wZXMYBCADKAkSMAoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBIABIvCgpleHBpcmVzX2luGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uSAASFQoIaWRfdG9rZW4YByABKAlIAogBARInCgZleHRyYXMYCCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0QggKBmV4cGlyeUIQCg5fcmVmcmVzaF90b2tlbkILCglfaWRfdG9rZW4iOQoPQ29uc2VudE1ldGFkYXRhEhIKCmlwX2FkZHJlc3MYASABKAkSEgoKdXNlcl9hZ2VudBgCIAEoCSLeBAoKQ29ubmVjdGlvbhIPCgd1c2VyX2lkGAEgASgJEhMKC2ludGVncmF0aW9uGAIgASgJEg4KBnNjb3BlcxgDIAMoCRISCgp0b2tlbl90eXBlGAQgASgJEi4KCmV4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KBnN0YXR1cxgGIAEoDjIfLnRva2VudmF1bHQudjEuQ29ubmVjdGlvblN0YXR1cxIZChFoYXNfcmVmcmVzaF90b2tlbhgHIAEoCBIuCgpjcmVhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxsYXN0X3VzZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWlzc3VlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoHY29uc2VudBgMIAEoCzIeLnRva2VudmF1bHQudjEuQ29uc2VudE1ldGFkYXRhEjwKGHJlZnJlc2hfdG9rZW5fZXhwaXJlc19hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIwobcmVmcmVzaF90b2tlbl9leHBpcmluZ19zb29uGA4gASgIEjUKEWxhc3RfcmVmcmVzaGVkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKSAQoMU3RvcmVSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEwoLaW50ZWdyYXRpb24YAiABKAkSKgoJdG9rZW5fc2V0GAMgASgLMhcudG9rZW52YXVsdC52MS5Ub2tlblNldBIwCghtZXRhZGF0YRgEIAEoCzIeLnRva2VudmF1bHQudjEuQ29uc2VudE1ldGFkYXRhIk8KDVN0b3JlUmVzcG9uc2USLQoKY29ubmVjdGlvbhgBIAEoCzIZLnRva2VudmF1bHQudjEuQ29ubmVjdGlvbhIPCgdjcmVhdGVkGAIgASgIIrABCgpHZXRSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEwoLaW50ZWdyYXRpb24YAiABKAkSMAoNbWluX3ZhbGlkX2ZvchgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIrCgdyZWZyZXNoGAQgASgOMhoudG9rZW52YXVsdC52MS5SZWZyZXNoTW9kZRIdChVpbmNsdWRlX3JlZnJlc2hfdG9rZW4YBSABKAgitAIKC0dldFJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRISCgp0b2tlbl90eXBlGAIgASgJEi4KCmV4cGlyZXNfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnNjb3BlcxgEIAMoCRIVCghpZF90b2tlbhgFIAEoCUgAiAEBEicKBmV4dHJhcxgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEQoJcmVmcmVzaGVkGAcgASgIEi0KCmNvbm5lY3Rpb24YCCABKAsyGS50b2tlbnZhdWx0LnYxLkNvbm5lY3Rpb24SGgoNcmVmcmVzaF90b2tlbhgJIAEoCUgBiAEBQgsKCV9pZF90b2tlbkIQCg5fcmVmcmVzaF90b2tlbiJFCg1SZW1vdmVSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEwoLaW50ZWdyYXRpb24YAiABKAkSDgoGcmV2b2tlGAMgASgIIlAKDlJlbW92ZVJlc3BvbnNlEg8KB2V4aXN0ZWQYASABKAgSLQoKcmV2b2NhdGlvbhgCIAEoCzIZLnRva2VudmF1bHQudjEuUmV2b2NhdGlvbiJSCgpSZXZvY2F0aW9uEhMKC2ludGVncmF0aW9uGAEgASgJEi8KBnN0YXR1cxgCIAEoDjIfLnRva2VudmF1bHQudjEuUmV2b2NhdGlvblN0YXR1cyIzChBDbGVhclVzZXJSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSDgoGcmV2b2tlGAIgASgIIloKEUNsZWFyVXNlclJlc3BvbnNlEhUKDXJlbW92ZWRfY291bnQYASABKAUSLgoLcmV2b2NhdGlvbnMYAiADKAsyGS50b2tlbnZhdWx0LnYxLlJldm9jYXRpb24iKQoWTGlzdENvbm5lY3Rpb25zUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJIkkKF0xpc3RDb25uZWN0aW9uc1Jlc3BvbnNlEi4KC2Nvbm5lY3Rpb25zGAEgAygLMhkudG9rZW52YXVsdC52MS5Db25uZWN0aW9uIqoBCgtBdWRpdEZpbHRlchIPCgd1c2VyX2lkGAEgASgJEhMKC2ludGVncmF0aW9uGAIgASgJEg4KBmNhbGxlchgDIAEoCRIPCgdhY3Rpb25zGAQgAygJEikKBXNpbmNlGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIpCgV1bnRpbBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiZgoSU3RyZWFtQXVkaXRSZXF1ZXN0EioKBmZpbHRlchgBIAEoCzIaLnRva2VudmF1bHQudjEuQXVkaXRGaWx0ZXISFAoMYWZ0ZXJfY3Vyc29yGAIgASgEEg4KBmZvbGxvdxgDIAEoCCI/ChNTdHJlYW1BdWRpdFJlc3BvbnNlEigKBWV2ZW50GAEgASgLMhkudG9rZW52YXVsdC52MS5BdWRpdEV2ZW50IpECCgpBdWRpdEV2ZW50Eg4KBmN1cnNvchgBIAEoBBIvCgtvY2N1cnJlZF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGY2FsbGVyGAMgASgJEg4KBmFjdGlvbhgEIAEoCRIPCgd1c2VyX2lkGAUgASgJEhMKC2ludGVncmF0aW9uGAYgASgJEg8KB291dGNvbWUYByABKAkSEgoKcmVxdWVzdF9pZBgIIAEoCRIMCgRwZWVyGAkgASgJEigKB2RldGFpbHMYCiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhEKCXByZXZfaGFzaBgLIAEoDBIMCgRoYXNoGAwgASgMIikKElZlcmlmeUF1ZGl0UmVxdWVzdBITCgtmcm9tX2N1cnNvchgBIAEoBCJyChNWZXJpZnlBdWRpdFJlc3BvbnNlEgoKAm9rGAEgASgIEg8KB2NoZWNrZWQYAiABKAQSGAoQZmlyc3RfYmFkX2N1cnNvchgDIAEoBBIPCgdwcm9ibGVtGAQgASgJEhMKC2hlYWRfY3Vyc29yGAUgASgEIi4KD0F1ZGl0UmVzdW1lSW5mbxIbChNyZXN1bWVfYWZ0ZXJfY3Vyc29yGAEgASgEIkgKC0Vycm9yRGV0YWlsEioKBnJlYXNvbhgBIAEoDjIaLnRva2VudmF1bHQudjEuRXJyb3JSZWFzb24SDQoFZmllbGQYAiABKAkqdwoQQ29ubmVjdGlvblN0YXR1cxIhCh1DT05ORUNUSU9OX1NUQVRVU19VTlNQRUNJRklFRBAAEhwKGENPTk5FQ1RJT05fU1RBVFVTX0FDVElWRRABEiIKHkNPTk5FQ1RJT05fU1RBVFVTX05FRURTX1JFQVVUSBACKloKC1JlZnJlc2hNb2RlEhwKGFJFRlJFU0hfTU9ERV9VTlNQRUNJRklFRBAAEhUKEVJFRlJFU0hfTU9ERV9BVVRPEAESFgoSUkVGUkVTSF9NT0RFX05FVkVSEAIqvAEKEFJldm9jYXRpb25TdGF0dXMSIQodUkVWT0NBVElPTl9TVEFUVVNfVU5TUEVDSUZJRUQQABIjCh9SRVZPQ0FUSU9OX1NUQVRVU19OT1RfUkVRVUVTVEVEEAESHQoZUkVWT0NBVElPTl9TVEFUVVNfUkVWT0tFRBACEiMKH1JFVk9DQVRJT05fU1RBVFVTX05PVF9TVVBQT1JURUQQAxIcChhSRVZPQ0FUSU9OX1NUQVRVU19GQUlMRUQQBCrQAgoLRXJyb3JSZWFzb24SHAoYRVJST1JfUkVBU09OX1VOU1BFQ0lGSUVEEAASHgoaRVJST1JfUkVBU09OX0lOVkFMSURfRklFTEQQARIlCiFFUlJPUl9SRUFTT05fQ09OTkVDVElPTl9OT1RfRk9VTkQQAhIdChlFUlJPUl9SRUFTT05fTkVFRFNfUkVBVVRIEAMSIgoeRVJST1JfUkVBU09OX0lOVEVHUklUWV9GQUlMVVJFEAQSJAogRVJST1JfUkVBU09OX1NUT1JBR0VfVU5BVkFJTEFCTEUQBRIiCh5FUlJPUl9SRUFTT05fQVVESVRfVU5BVkFJTEFCTEUQBhIoCiRFUlJPUl9SRUFTT05fUFJPVklERVJfTk9UX0NPTkZJR1VSRUQQBxIlCiFFUlJPUl9SRUFTT05fUFJPVklERVJfVU5BVkFJTEFCTEUQCDLLBAoRVG9rZW5WYXVsdFNlcnZpY2USQgoFU3RvcmUSGy50b2tlbnZhdWx0LnYxLlN0b3JlUmVxdWVzdBocLnRva2VudmF1bHQudjEuU3RvcmVSZXNwb25zZRI8CgNHZXQSGS50b2tlbnZhdWx0LnYxLkdldFJlcXVlc3QaGi50b2tlbnZhdWx0LnYxLkdldFJlc3BvbnNlEkUKBlJlbW92ZRIcLnRva2VudmF1bHQudjEuUmVtb3ZlUmVxdWVzdBodLnRva2VudmF1bHQudjEuUmVtb3ZlUmVzcG9uc2USTgoJQ2xlYXJVc2VyEh8udG9rZW52YXVsdC52MS5DbGVhclVzZXJSZXF1ZXN0GiAudG9rZW52YXVsdC52MS5DbGVhclVzZXJSZXNwb25zZRJlCg9MaXN0Q29ubmVjdGlvbnMSJS50b2tlbnZhdWx0LnYxLkxpc3RDb25uZWN0aW9uc1JlcXVlc3QaJi50b2tlbnZhdWx0LnYxLkxpc3RDb25uZWN0aW9uc1Jlc3BvbnNlIgOQAgESWwoLU3RyZWFtQXVkaXQSIS50b2tlbnZhdWx0LnYxLlN0cmVhbUF1ZGl0UmVxdWVzdBoiLnRva2VudmF1bHQudjEuU3RyZWFtQXVkaXRSZXNwb25zZSIDkAIBMAESWQoLVmVyaWZ5QXVkaXQSIS50b2tlbnZhdWx0LnYxLlZlcmlmeUF1ZGl0UmVxdWVzdBoiLnRva2VudmF1bHQudjEuVmVyaWZ5QXVkaXRSZXNwb25zZSIDkAIBYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * TokenSet is what a provider's token endpoint returned, as the vault keeps it.
@@ -234,6 +234,29 @@ export type Connection = Message<"tokenvault.v1.Connection"> & {
    * @generated from field: tokenvault.v1.ConsentMetadata consent = 12;
    */
   consent?: ConsentMetadata | undefined;
+
+  /**
+   * When the refresh token stops working, where the provider said so
+   * (refresh_token_expires_in); unset when unknown.
+   *
+   * @generated from field: google.protobuf.Timestamp refresh_token_expires_at = 13;
+   */
+  refreshTokenExpiresAt?: Timestamp | undefined;
+
+  /**
+   * True when the refresh token expires within 7 days: ask the user to
+   * reconnect before the connection dies.
+   *
+   * @generated from field: bool refresh_token_expiring_soon = 14;
+   */
+  refreshTokenExpiringSoon: boolean;
+
+  /**
+   * When the vault last refreshed the access token; unset when never.
+   *
+   * @generated from field: google.protobuf.Timestamp last_refreshed_at = 15;
+   */
+  lastRefreshedAt?: Timestamp | undefined;
 };
 
 /**
@@ -462,6 +485,14 @@ export type RemoveRequest = Message<"tokenvault.v1.RemoveRequest"> & {
    * @generated from field: string integration = 2;
    */
   integration: string;
+
+  /**
+   * Also revoke the tokens at the provider (RFC 7009) where the catalogue
+   * knows a revocation endpoint. The connection is deleted either way.
+   *
+   * @generated from field: bool revoke = 3;
+   */
+  revoke: boolean;
 };
 
 /**
@@ -483,6 +514,14 @@ export type RemoveResponse = Message<"tokenvault.v1.RemoveResponse"> & {
    * @generated from field: bool existed = 1;
    */
   existed: boolean;
+
+  /**
+   * What revocation at the provider came to (REVOCATION_STATUS_NOT_REQUESTED
+   * without revoke).
+   *
+   * @generated from field: tokenvault.v1.Revocation revocation = 2;
+   */
+  revocation?: Revocation | undefined;
 };
 
 /**
@@ -491,6 +530,34 @@ export type RemoveResponse = Message<"tokenvault.v1.RemoveResponse"> & {
  */
 export const RemoveResponseSchema: GenMessage<RemoveResponse> = /*@__PURE__*/
   messageDesc(file_tokenvault_v1_tokenvault, 8);
+
+/**
+ * Revocation reports the revocation of one connection's tokens.
+ *
+ * @generated from message tokenvault.v1.Revocation
+ */
+export type Revocation = Message<"tokenvault.v1.Revocation"> & {
+  /**
+   * The integration whose tokens were revoked.
+   *
+   * @generated from field: string integration = 1;
+   */
+  integration: string;
+
+  /**
+   * What happened.
+   *
+   * @generated from field: tokenvault.v1.RevocationStatus status = 2;
+   */
+  status: RevocationStatus;
+};
+
+/**
+ * Describes the message tokenvault.v1.Revocation.
+ * Use `create(RevocationSchema)` to create a new message.
+ */
+export const RevocationSchema: GenMessage<Revocation> = /*@__PURE__*/
+  messageDesc(file_tokenvault_v1_tokenvault, 9);
 
 /**
  * ClearUserRequest deletes every connection of one user.
@@ -504,6 +571,13 @@ export type ClearUserRequest = Message<"tokenvault.v1.ClearUserRequest"> & {
    * @generated from field: string user_id = 1;
    */
   userId: string;
+
+  /**
+   * Also revoke each connection's tokens at its provider, as RemoveRequest.revoke.
+   *
+   * @generated from field: bool revoke = 2;
+   */
+  revoke: boolean;
 };
 
 /**
@@ -511,7 +585,7 @@ export type ClearUserRequest = Message<"tokenvault.v1.ClearUserRequest"> & {
  * Use `create(ClearUserRequestSchema)` to create a new message.
  */
 export const ClearUserRequestSchema: GenMessage<ClearUserRequest> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 9);
+  messageDesc(file_tokenvault_v1_tokenvault, 10);
 
 /**
  * ClearUserResponse says what ClearUser did.
@@ -525,6 +599,13 @@ export type ClearUserResponse = Message<"tokenvault.v1.ClearUserResponse"> & {
    * @generated from field: int32 removed_count = 1;
    */
   removedCount: number;
+
+  /**
+   * Per removed connection, what revocation came to (only with revoke).
+   *
+   * @generated from field: repeated tokenvault.v1.Revocation revocations = 2;
+   */
+  revocations: Revocation[];
 };
 
 /**
@@ -532,7 +613,7 @@ export type ClearUserResponse = Message<"tokenvault.v1.ClearUserResponse"> & {
  * Use `create(ClearUserResponseSchema)` to create a new message.
  */
 export const ClearUserResponseSchema: GenMessage<ClearUserResponse> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 10);
+  messageDesc(file_tokenvault_v1_tokenvault, 11);
 
 /**
  * ListConnectionsRequest asks for the metadata of one user's connections.
@@ -553,7 +634,7 @@ export type ListConnectionsRequest = Message<"tokenvault.v1.ListConnectionsReque
  * Use `create(ListConnectionsRequestSchema)` to create a new message.
  */
 export const ListConnectionsRequestSchema: GenMessage<ListConnectionsRequest> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 11);
+  messageDesc(file_tokenvault_v1_tokenvault, 12);
 
 /**
  * ListConnectionsResponse lists one user's connections, ordered by integration.
@@ -574,7 +655,7 @@ export type ListConnectionsResponse = Message<"tokenvault.v1.ListConnectionsResp
  * Use `create(ListConnectionsResponseSchema)` to create a new message.
  */
 export const ListConnectionsResponseSchema: GenMessage<ListConnectionsResponse> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 12);
+  messageDesc(file_tokenvault_v1_tokenvault, 13);
 
 /**
  * AuditFilter selects audit events; empty fields match everything, set fields
@@ -632,7 +713,7 @@ export type AuditFilter = Message<"tokenvault.v1.AuditFilter"> & {
  * Use `create(AuditFilterSchema)` to create a new message.
  */
 export const AuditFilterSchema: GenMessage<AuditFilter> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 13);
+  messageDesc(file_tokenvault_v1_tokenvault, 14);
 
 /**
  * StreamAuditRequest asks for the audit log.
@@ -669,7 +750,7 @@ export type StreamAuditRequest = Message<"tokenvault.v1.StreamAuditRequest"> & {
  * Use `create(StreamAuditRequestSchema)` to create a new message.
  */
 export const StreamAuditRequestSchema: GenMessage<StreamAuditRequest> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 14);
+  messageDesc(file_tokenvault_v1_tokenvault, 15);
 
 /**
  * StreamAuditResponse carries one audit event.
@@ -690,7 +771,7 @@ export type StreamAuditResponse = Message<"tokenvault.v1.StreamAuditResponse"> &
  * Use `create(StreamAuditResponseSchema)` to create a new message.
  */
 export const StreamAuditResponseSchema: GenMessage<StreamAuditResponse> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 15);
+  messageDesc(file_tokenvault_v1_tokenvault, 16);
 
 /**
  * AuditEvent is one recorded access. It never holds a token or a secret.
@@ -793,7 +874,7 @@ export type AuditEvent = Message<"tokenvault.v1.AuditEvent"> & {
  * Use `create(AuditEventSchema)` to create a new message.
  */
 export const AuditEventSchema: GenMessage<AuditEvent> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 16);
+  messageDesc(file_tokenvault_v1_tokenvault, 17);
 
 /**
  * VerifyAuditRequest asks for a check of the hash chain.
@@ -815,7 +896,7 @@ export type VerifyAuditRequest = Message<"tokenvault.v1.VerifyAuditRequest"> & {
  * Use `create(VerifyAuditRequestSchema)` to create a new message.
  */
 export const VerifyAuditRequestSchema: GenMessage<VerifyAuditRequest> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 17);
+  messageDesc(file_tokenvault_v1_tokenvault, 18);
 
 /**
  * VerifyAuditResponse says whether the chain holds.
@@ -865,7 +946,7 @@ export type VerifyAuditResponse = Message<"tokenvault.v1.VerifyAuditResponse"> &
  * Use `create(VerifyAuditResponseSchema)` to create a new message.
  */
 export const VerifyAuditResponseSchema: GenMessage<VerifyAuditResponse> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 18);
+  messageDesc(file_tokenvault_v1_tokenvault, 19);
 
 /**
  * AuditResumeInfo is attached to the status of a StreamAudit that ended
@@ -888,7 +969,7 @@ export type AuditResumeInfo = Message<"tokenvault.v1.AuditResumeInfo"> & {
  * Use `create(AuditResumeInfoSchema)` to create a new message.
  */
 export const AuditResumeInfoSchema: GenMessage<AuditResumeInfo> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 19);
+  messageDesc(file_tokenvault_v1_tokenvault, 20);
 
 /**
  * ErrorDetail is attached to error statuses (as a gRPC status detail and a
@@ -918,7 +999,7 @@ export type ErrorDetail = Message<"tokenvault.v1.ErrorDetail"> & {
  * Use `create(ErrorDetailSchema)` to create a new message.
  */
 export const ErrorDetailSchema: GenMessage<ErrorDetail> = /*@__PURE__*/
-  messageDesc(file_tokenvault_v1_tokenvault, 20);
+  messageDesc(file_tokenvault_v1_tokenvault, 21);
 
 /**
  * ConnectionStatus says whether a connection can still produce tokens.
@@ -990,6 +1071,54 @@ export const RefreshModeSchema: GenEnum<RefreshMode> = /*@__PURE__*/
   enumDesc(file_tokenvault_v1_tokenvault, 1);
 
 /**
+ * RevocationStatus is the outcome of revoking one connection's tokens at its provider.
+ *
+ * @generated from enum tokenvault.v1.RevocationStatus
+ */
+export enum RevocationStatus {
+  /**
+   * Not set.
+   *
+   * @generated from enum value: REVOCATION_STATUS_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * revoke was not set, or there was no connection.
+   *
+   * @generated from enum value: REVOCATION_STATUS_NOT_REQUESTED = 1;
+   */
+  NOT_REQUESTED = 1,
+
+  /**
+   * The provider confirmed the revocation.
+   *
+   * @generated from enum value: REVOCATION_STATUS_REVOKED = 2;
+   */
+  REVOKED = 2,
+
+  /**
+   * The provider has no revocation endpoint in the catalogue.
+   *
+   * @generated from enum value: REVOCATION_STATUS_NOT_SUPPORTED = 3;
+   */
+  NOT_SUPPORTED = 3,
+
+  /**
+   * The provider could not be reached or refused; the tokens may still work there.
+   *
+   * @generated from enum value: REVOCATION_STATUS_FAILED = 4;
+   */
+  FAILED = 4,
+}
+
+/**
+ * Describes the enum tokenvault.v1.RevocationStatus.
+ */
+export const RevocationStatusSchema: GenEnum<RevocationStatus> = /*@__PURE__*/
+  enumDesc(file_tokenvault_v1_tokenvault, 2);
+
+/**
  * ErrorReason is a machine-readable cause, for clients that must tell apart
  * errors that share a status code.
  *
@@ -1047,13 +1176,32 @@ export enum ErrorReason {
    * @generated from enum value: ERROR_REASON_AUDIT_UNAVAILABLE = 6;
    */
   AUDIT_UNAVAILABLE = 6,
+
+  /**
+   * FAILED_PRECONDITION: the token needs a refresh but the integration's
+   * provider is not usable: not in the catalogue, no client id or secret
+   * configured, or the provider refused the client. The message says what to
+   * configure.
+   *
+   * @generated from enum value: ERROR_REASON_PROVIDER_NOT_CONFIGURED = 7;
+   */
+  PROVIDER_NOT_CONFIGURED = 7,
+
+  /**
+   * UNAVAILABLE: the token needs a refresh, the provider failed (timeout,
+   * 5xx, 429, malformed answer) and the stored token is no longer valid. The
+   * vault backs off; the message says when it will try the provider again.
+   *
+   * @generated from enum value: ERROR_REASON_PROVIDER_UNAVAILABLE = 8;
+   */
+  PROVIDER_UNAVAILABLE = 8,
 }
 
 /**
  * Describes the enum tokenvault.v1.ErrorReason.
  */
 export const ErrorReasonSchema: GenEnum<ErrorReason> = /*@__PURE__*/
-  enumDesc(file_tokenvault_v1_tokenvault, 2);
+  enumDesc(file_tokenvault_v1_tokenvault, 3);
 
 /**
  * TokenVaultService stores, hands out and deletes OAuth token sets, one per
