@@ -64,16 +64,23 @@ describe("migrate", () => {
     const result = await runCli(["migrate", "status"], env({ DATABASE_URL: db.url }));
     expect(result.code, result.stderr).toBe(0);
     const lines = printed(result.stdout);
-    expect(lines).toHaveLength(4);
+    expect(lines).toHaveLength(5);
     expect(lines[0]).toMatch(applied("0001_connections"));
     expect(lines[1]).toMatch(applied("0002_encryption_keys"));
     expect(lines[2]).toMatch(applied("0003_callers"));
     expect(lines[3]).toMatch(applied("0004_audit"));
+    expect(lines[4]).toMatch(applied("0005_refresh"));
   });
 
-  it("down reverts the last migration, status shows it pending, up applies it again", async () => {
+  it("down reverts one migration at a time, status shows them pending, up applies them again", async () => {
     const db = await database();
     const e = env({ DATABASE_URL: db.url });
+
+    const down0 = await runCli(["migrate", "down"], e);
+    expect(down0.code, down0.stderr).toBe(0);
+    expect(printed(down0.stdout)).toEqual(["reverted  0005_refresh"]);
+    const columns = await db.pool.query("select 1 from information_schema.columns where table_name = 'connections' and column_name = 'refresh_retry_at'");
+    expect(columns.rowCount).toBe(0);
 
     const down = await runCli(["migrate", "down"], e);
     expect(down.code, down.stderr).toBe(0);
@@ -94,20 +101,21 @@ describe("migrate", () => {
     const pending = await runCli(["migrate", "status"], e);
     expect(pending.code, pending.stderr).toBe(0);
     const lines = printed(pending.stdout);
-    expect(lines).toHaveLength(4);
+    expect(lines).toHaveLength(5);
     expect(lines[0]).toMatch(applied("0001_connections"));
     expect(lines[1]).toMatch(applied("0002_encryption_keys"));
     expect(lines[2]).toBe("pending  0003_callers");
     expect(lines[3]).toBe("pending  0004_audit");
+    expect(lines[4]).toBe("pending  0005_refresh");
 
     const up = await runCli(["migrate", "up"], e);
     expect(up.code, up.stderr).toBe(0);
-    expect(printed(up.stdout)).toEqual(["applied  0003_callers", "applied  0004_audit"]);
+    expect(printed(up.stdout)).toEqual(["applied  0003_callers", "applied  0004_audit", "applied  0005_refresh"]);
     expect(await tableExists(db, "callers")).toBe(true);
     expect(await tableExists(db, "audit_events")).toBe(true);
 
     const again = await runCli(["migrate", "status"], e);
-    expect(printed(again.stdout).map((l) => l.split("  ")[0])).toEqual(["applied", "applied", "applied", "applied"]);
+    expect(printed(again.stdout).map((l) => l.split("  ")[0])).toEqual(["applied", "applied", "applied", "applied", "applied"]);
 
     const nothing = await runCli(["migrate", "up"], e);
     expect(nothing.code).toBe(0);
