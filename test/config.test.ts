@@ -47,7 +47,12 @@ describe("defaults", () => {
       maxMessageBytes: 262144,
       dbPoolMax: 10,
       shutdownGraceMs: 10_000,
+      audit: { maxBatch: 256, maxWaitMs: 0, maxQueue: 10_000, lockTimeoutMs: 5_000, ringSize: 4_096, pollMs: 1_000, maxLag: 10_000 },
+      providersFile: undefined,
+      providerSettings: expect.any(Function),
+      refresh: { providerTimeoutMs: 10_000, backoffBaseMs: 2_000, backoffMaxMs: 300_000 },
     });
+    expect(config.providerSettings("google")).toEqual({ clientId: undefined, clientSecret: undefined, params: {} });
   });
 
   it("the development key file follows TOKENVAULT_DATA_DIR (resolved to an absolute path)", () => {
@@ -84,6 +89,20 @@ describe("valid settings", () => {
       TOKENVAULT_MAX_MESSAGE_BYTES: "1048576",
       TOKENVAULT_DB_POOL_MAX: "25",
       TOKENVAULT_SHUTDOWN_GRACE_MS: "0",
+      TOKENVAULT_AUDIT_MAX_BATCH: "64",
+      TOKENVAULT_AUDIT_MAX_WAIT_MS: "2",
+      TOKENVAULT_AUDIT_MAX_QUEUE: "500",
+      TOKENVAULT_AUDIT_LOCK_TIMEOUT_MS: "250",
+      TOKENVAULT_AUDIT_RING_SIZE: "128",
+      TOKENVAULT_AUDIT_POLL_MS: "50",
+      TOKENVAULT_AUDIT_MAX_LAG: "1000",
+      TOKENVAULT_PROVIDERS_FILE: "conf/providers.json",
+      TOKENVAULT_PROVIDER_GOOGLE_CLIENT_ID: "google-client",
+      TOKENVAULT_PROVIDER_GOOGLE_CLIENT_SECRET: "google-secret",
+      TOKENVAULT_PROVIDER_MICROSOFT_TENANT: "contoso",
+      TOKENVAULT_REFRESH_TIMEOUT_MS: "3000",
+      TOKENVAULT_REFRESH_BACKOFF_BASE_MS: "100",
+      TOKENVAULT_REFRESH_BACKOFF_MAX_MS: "60000",
     });
     expect(config).toEqual({
       production: true,
@@ -101,7 +120,13 @@ describe("valid settings", () => {
       maxMessageBytes: 1048576,
       dbPoolMax: 25,
       shutdownGraceMs: 0,
+      audit: { maxBatch: 64, maxWaitMs: 2, maxQueue: 500, lockTimeoutMs: 250, ringSize: 128, pollMs: 50, maxLag: 1000 },
+      providersFile: path.resolve("conf/providers.json"),
+      providerSettings: expect.any(Function),
+      refresh: { providerTimeoutMs: 3000, backoffBaseMs: 100, backoffMaxMs: 60_000 },
     });
+    expect(config.providerSettings("google")).toEqual({ clientId: "google-client", clientSecret: "google-secret", params: {} });
+    expect(config.providerSettings("microsoft")).toEqual({ clientId: undefined, clientSecret: undefined, params: { tenant: "contoso" } });
   });
 
   it("a key file path is resolved, and it satisfies production", () => {

@@ -23,12 +23,7 @@ import { validateIntegration, validateUserId } from "./validate.js";
 export async function remove(deps: VaultDeps, req: RemoveRequest): Promise<RemoveResponse> {
   const userId = validateUserId(req.userId);
   const integration = validateIntegration(req.integration);
-  if (!req.revoke) {
-    return create(RemoveResponseSchema, {
-      existed: await deleteConnection(deps.pool, userId, integration),
-      revocation: create(RevocationSchema, { integration, status: RevocationStatus.NOT_REQUESTED }),
-    });
-  }
+  if (!req.revoke) return create(RemoveResponseSchema, { existed: await deleteConnection(deps.pool, userId, integration) });
   const rows = await deleteConnectionReturning(deps.pool, userId, integration);
   const [revocation] = await revokeDeleted(rows, revocationDeps(deps));
   return create(RemoveResponseSchema, {

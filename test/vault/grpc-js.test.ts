@@ -206,7 +206,8 @@ describe("TokenVaultService over grpc-js", () => {
     expect(ms(c.expires_at)).toBeLessThanOrEqual(after + 59_500);
     expect(JSON.stringify(res)).not.toContain("tvsecret");
 
-    const got = await client.call<WireGetResponse>("Get", { user_id: user, integration: "gmail" });
+    // It expires within the default min_valid_for (5 min): ask for less, so no refresh is due.
+    const got = await client.call<WireGetResponse>("Get", { user_id: user, integration: "gmail", min_valid_for: { seconds: 30, nanos: 0 } });
     expect(structToJson(got.extras!)).toEqual({ tenant: "contoso", instance_url: "https://eu.example" });
     expect(got.expires_at).toEqual(c.expires_at);
     expect(got.connection.has_refresh_token).toBe(true);
@@ -291,17 +292,17 @@ describe("TokenVaultService over grpc-js", () => {
   });
 
   it("Remove says whether the connection existed", async () => {
-    expect(await client.call("Remove", { user_id: user, integration: "github" })).toEqual({ existed: true });
-    expect(await client.call("Remove", { user_id: user, integration: "github" })).toEqual({ existed: false });
+    expect(await client.call("Remove", { user_id: user, integration: "github" })).toEqual({ existed: true, revocation: null });
+    expect(await client.call("Remove", { user_id: user, integration: "github" })).toEqual({ existed: false, revocation: null });
     const row = await db.pool.query("select count(*)::int as n from connections where user_id = $1 and integration = 'github'", [user]);
     expect(row.rows[0].n).toBe(0);
   });
 
   it("ClearUser removes every connection of the user and says how many", async () => {
     await client.call("Store", { user_id: "grpcjs-bystander", integration: "gmail", token_set: { access_token: secretToken() } });
-    expect(await client.call("ClearUser", { user_id: user })).toEqual({ removed_count: 3 });
+    expect(await client.call("ClearUser", { user_id: user })).toEqual({ removed_count: 3, revocations: [] });
     expect(await client.call("ListConnections", { user_id: user })).toEqual({ connections: [] });
-    expect(await client.call("ClearUser", { user_id: user })).toEqual({ removed_count: 0 });
+    expect(await client.call("ClearUser", { user_id: user })).toEqual({ removed_count: 0, revocations: [] });
     const left = await client.call<{ connections: WireConnection[] }>("ListConnections", { user_id: "grpcjs-bystander" });
     expect(left.connections.map((c) => c.integration)).toEqual(["gmail"]);
   });

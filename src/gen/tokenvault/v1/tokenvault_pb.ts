@@ -516,8 +516,9 @@ export type RemoveResponse = Message<"tokenvault.v1.RemoveResponse"> & {
   existed: boolean;
 
   /**
-   * What revocation at the provider came to (REVOCATION_STATUS_NOT_REQUESTED
-   * without revoke).
+   * With revoke: what revocation at the provider came to
+   * (REVOCATION_STATUS_NOT_REQUESTED when there was no connection). Unset
+   * without revoke.
    *
    * @generated from field: tokenvault.v1.Revocation revocation = 2;
    */
@@ -1084,7 +1085,7 @@ export enum RevocationStatus {
   UNSPECIFIED = 0,
 
   /**
-   * revoke was not set, or there was no connection.
+   * There was nothing to revoke (no connection).
    *
    * @generated from enum value: REVOCATION_STATUS_NOT_REQUESTED = 1;
    */
