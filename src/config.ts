@@ -156,6 +156,20 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError(`TOKENVAULT_LOG_LEVEL must be one of ${logLevels.join(", ")}`);
   }
 
+  const audit: AuditSettings = Object.freeze({
+    maxBatch: integer(env, "TOKENVAULT_AUDIT_MAX_BATCH", defaultAuditSettings.maxBatch, 1, 10_000),
+    maxWaitMs: integer(env, "TOKENVAULT_AUDIT_MAX_WAIT_MS", defaultAuditSettings.maxWaitMs, 0, 1_000),
+    maxQueue: integer(env, "TOKENVAULT_AUDIT_MAX_QUEUE", defaultAuditSettings.maxQueue, 1, 1_000_000),
+    lockTimeoutMs: integer(env, "TOKENVAULT_AUDIT_LOCK_TIMEOUT_MS", defaultAuditSettings.lockTimeoutMs, 1, 600_000),
+    ringSize: integer(env, "TOKENVAULT_AUDIT_RING_SIZE", defaultAuditSettings.ringSize, 16, 1_000_000),
+    pollMs: integer(env, "TOKENVAULT_AUDIT_POLL_MS", defaultAuditSettings.pollMs, 10, 60_000),
+    maxLag: integer(env, "TOKENVAULT_AUDIT_MAX_LAG", defaultAuditSettings.maxLag, 1, 10_000_000),
+  });
+  // One batch can land at once: a follower bound below it would end streams that keep up.
+  if (audit.maxLag < audit.maxBatch) {
+    throw new ConfigError(`TOKENVAULT_AUDIT_MAX_LAG (${audit.maxLag}) must be at least TOKENVAULT_AUDIT_MAX_BATCH (${audit.maxBatch})`);
+  }
+
   return Object.freeze({
     production,
     databaseUrl,
@@ -185,15 +199,7 @@ export function loadConfig(env: Env = process.env): Config {
       backoffBaseMs: integer(env, "TOKENVAULT_REFRESH_BACKOFF_BASE_MS", defaultRefreshSettings.backoffBaseMs, 10, 3_600_000),
       backoffMaxMs: integer(env, "TOKENVAULT_REFRESH_BACKOFF_MAX_MS", defaultRefreshSettings.backoffMaxMs, 10, 86_400_000),
     }),
-    audit: Object.freeze({
-      maxBatch: integer(env, "TOKENVAULT_AUDIT_MAX_BATCH", defaultAuditSettings.maxBatch, 1, 10_000),
-      maxWaitMs: integer(env, "TOKENVAULT_AUDIT_MAX_WAIT_MS", defaultAuditSettings.maxWaitMs, 0, 1_000),
-      maxQueue: integer(env, "TOKENVAULT_AUDIT_MAX_QUEUE", defaultAuditSettings.maxQueue, 1, 1_000_000),
-      lockTimeoutMs: integer(env, "TOKENVAULT_AUDIT_LOCK_TIMEOUT_MS", defaultAuditSettings.lockTimeoutMs, 1, 600_000),
-      ringSize: integer(env, "TOKENVAULT_AUDIT_RING_SIZE", defaultAuditSettings.ringSize, 16, 1_000_000),
-      pollMs: integer(env, "TOKENVAULT_AUDIT_POLL_MS", defaultAuditSettings.pollMs, 10, 60_000),
-      maxLag: integer(env, "TOKENVAULT_AUDIT_MAX_LAG", defaultAuditSettings.maxLag, 1, 10_000_000),
-    }),
+    audit,
   });
 }
 

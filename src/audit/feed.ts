@@ -158,7 +158,8 @@ export async function createAuditFeed(options: AuditFeedOptions): Promise<AuditF
           resolve();
         };
         const check = () => (head > cursor || ending ? done() : waiters.add(check));
-        const timer = timeoutMs === undefined ? undefined : setTimeout(done, timeoutMs);
+        // setTimeout takes at most 2^31-1 ms; the caller waits again after a wake-up.
+        const timer = timeoutMs === undefined ? undefined : setTimeout(done, Math.min(timeoutMs, 2_147_483_647));
         signal.addEventListener("abort", done, { once: true });
         waiters.add(check);
       });

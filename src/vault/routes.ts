@@ -4,6 +4,7 @@
 import { Code, ConnectError, type ConnectRouter, type ContextValues } from "@connectrpc/connect";
 import { callerKey } from "../auth/interceptor.js";
 import type { Caller } from "../auth/policy.js";
+import type { CallerRegistry } from "../auth/caller-registry.js";
 import { TokenVaultService } from "../gen/tokenvault/v1/tokenvault_pb.js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
 import type { VaultDeps } from "./deps.js";
@@ -24,7 +25,7 @@ function authenticatedCaller(values: ContextValues): Caller {
 }
 
 /** Registers TokenVaultService, grpc.health.v1.Health and server reflection. */
-export function createRoutes(deps: VaultDeps, health: HealthService): (router: ConnectRouter) => void {
+export function createRoutes(deps: VaultDeps, health: HealthService, callers: CallerRegistry): (router: ConnectRouter) => void {
   return (router) => {
     router.service(TokenVaultService, {
       store: (req) => store(deps, req),
@@ -32,7 +33,7 @@ export function createRoutes(deps: VaultDeps, health: HealthService): (router: C
       remove: (req) => remove(deps, req),
       clearUser: (req) => clearUser(deps, req),
       listConnections: (req, ctx) => listConnections(deps, req, authenticatedCaller(ctx.values)),
-      streamAudit: (req, ctx) => streamAudit(deps, req, ctx, authenticatedCaller(ctx.values)),
+      streamAudit: (req, ctx) => streamAudit(deps, req, ctx, authenticatedCaller(ctx.values), (id) => callers.byId(id)),
       verifyAudit: (req) => verifyAudit(deps, req),
     });
     health.register(router);

@@ -59,7 +59,7 @@ export function buildServer(options: ServerOptions): VaultServer {
   const health = createHealthService();
   health.setStatus(TokenVaultService.typeName, HealthCheckResponse_ServingStatus.SERVING);
   const handler = connectNodeAdapter({
-    routes: createRoutes(options.deps, health),
+    routes: createRoutes(options.deps, health, options.callers),
     // Outermost first: the request interceptor logs and shapes errors of the
     // auditing the auth interceptor's denials too; the audit interceptor records
     // every TokenVaultService call, including those refused.

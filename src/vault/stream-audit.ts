@@ -31,6 +31,9 @@ import { validateIntegration, validateUserId } from "./validate.js";
 /** Events read per turn. */
 const pageSize = 500;
 
+/** How often an idle follower looks at its caller's credentials and policy again. */
+const policyCheckMs = 1_000;
+
 /** The trailer carrying the cursor to resume from. */
 export const resumeAfterHeader = "tokenvault-resume-after";
 
@@ -40,6 +43,7 @@ export async function* streamAudit(
   req: StreamAuditRequest,
   ctx: HandlerContext,
   caller: Caller,
+  currentCaller: (id: string) => Caller | undefined,
 ): AsyncGenerator<StreamAuditResponse> {
   const { feed, writer, maxLag } = deps.audit;
   const call = ctx.values.get(callContextKey);
@@ -78,7 +82,10 @@ export async function* streamAudit(
     ...(query.until === undefined ? {} : { until: query.until.toISOString() }),
   });
 
-  const visible = (e: AuditEvent) => matches(e, query) && maySee(caller, e);
+  // The caller is looked up again each turn: a revoked caller or a narrowed
+  // policy takes effect on open streams as on new calls.
+  let now = caller;
+  const visible = (e: AuditEvent) => matches(e, query) && maySee(now, e);
   const unregister = req.follow ? feed.register() : () => {};
   let cursor = req.afterCursor;
   try {
@@ -88,12 +95,18 @@ export async function* streamAudit(
     for (;;) {
       if (ctx.signal.aborted) return;
       if (feed.ending) throw resumable(Code.Unavailable, "the server is shutting down", cursor);
+      const latest = currentCaller(caller.id);
+      if (latest === undefined) throw resumable(Code.Unauthenticated, "the caller's credentials were revoked", cursor);
+      if (!latest.policy.rpcs.has("StreamAudit")) throw resumable(Code.PermissionDenied, `caller "${latest.name}" may no longer call StreamAudit`, cursor);
+      now = latest;
       const upTo = end ?? feed.head();
       if (cursor >= upTo) {
         if (end !== undefined) return;
         if (query.until !== undefined && Date.now() > query.until.getTime()) return;
         live = true;
-        await feed.waitBeyond(cursor, ctx.signal, query.until === undefined ? undefined : Math.max(0, query.until.getTime() - Date.now()) + 1);
+        // Wake at least every policyCheckMs to look at the caller again.
+        const untilMs = query.until === undefined ? Infinity : Math.max(0, query.until.getTime() - Date.now()) + 1;
+        await feed.waitBeyond(cursor, ctx.signal, Math.min(untilMs, policyCheckMs));
         continue;
       }
       if (live && upTo - cursor > BigInt(maxLag)) {

@@ -957,8 +957,9 @@ export const VerifyAuditResponseSchema: GenMessage<VerifyAuditResponse> = /*@__P
  */
 export type AuditResumeInfo = Message<"tokenvault.v1.AuditResumeInfo"> & {
   /**
-   * The cursor of the last event the stream delivered (or the request's
-   * after_cursor if none): resume with it as after_cursor.
+   * How far the stream has read the log (at least the cursor of the last
+   * event it delivered; with a filter it may be past it, over events that did
+   * not match): resume with it as after_cursor.
    *
    * @generated from field: uint64 resume_after_cursor = 1;
    */
