@@ -7,19 +7,14 @@
  */
 import type { Pool } from "pg";
 import { appendAuditEvents, lockAuditHead, pruneAuditEvents, type AuditCheckpoint } from "../db/queries/audit.js";
+import { withTransaction } from "../db/transaction.js";
 import { chainEvents } from "./chain.js";
 
 /** Prunes events older than `before`; returns the checkpoint, or undefined when nothing was old enough. */
 export async function pruneAudit(pool: Pool, before: Date, options: { lockTimeoutMs: number; by: string }): Promise<AuditCheckpoint | undefined> {
-  const client = await pool.connect();
-  let broken: Error | undefined;
-  try {
-    await client.query("begin");
+  return withTransaction(pool, async (client) => {
     const checkpoint = await pruneAuditEvents(client, before);
-    if (checkpoint === undefined) {
-      await client.query("rollback");
-      return undefined;
-    }
+    if (checkpoint === undefined) return undefined;
     const head = await lockAuditHead(client, options.lockTimeoutMs, { begin: false });
     const events = chainEvents(head, [
       {
@@ -40,14 +35,6 @@ export async function pruneAudit(pool: Pool, before: Date, options: { lockTimeou
       },
     ]);
     await appendAuditEvents(client, events);
-    await client.query("commit");
     return checkpoint;
-  } catch (err) {
-    await client.query("rollback").catch((e: Error) => {
-      broken = e;
-    });
-    throw err;
-  } finally {
-    client.release(broken);
-  }
+  });
 }

@@ -39,6 +39,7 @@ import { ErrorDetailSchema, ErrorReason } from "../gen/tokenvault/v1/tokenvault_
 import type { Catalogue, ResolvedProvider } from "../providers/catalogue.js";
 import { refreshTokens } from "../providers/token-client.js";
 import type { DetailValue } from "../audit/chain.js";
+import { withTransaction } from "../db/transaction.js";
 
 /** Settings of the refresher. */
 export interface RefreshSettings {
@@ -132,10 +133,8 @@ export function createRefresher(deps: RefresherDeps): Refresher {
   const inflight = new Map<string, Promise<FreshToken>>();
 
   /** The answer when the provider may not be called now: the old token while it works, else UNAVAILABLE. */
-  const whileBackingOff = (row: ConnectionRow, secrets: TokenSecrets, now: Date): FreshToken => {
-    if (stillValid(row, now)) return { row, secrets, refreshed: false };
-    throw providerUnavailable(row.refresh_retry_at ?? now, now);
-  };
+  const whileBackingOff = (row: ConnectionRow, secrets: TokenSecrets, now: Date): FreshToken | ConnectError =>
+    stillValid(row, now) ? { row, secrets, refreshed: false } : providerUnavailable(row.refresh_retry_at ?? now, now);
 
   const provider = (integration: string): ResolvedProvider => {
     const entry = deps.catalogue.integration(integration);
@@ -148,97 +147,82 @@ export function createRefresher(deps: RefresherDeps): Refresher {
     return p;
   };
 
-  /** Refreshes under the row lock; one transaction. */
-  const refreshLocked = async (request: FreshnessRequest): Promise<FreshToken> => {
-    const { userId, integration } = { userId: request.row.user_id, integration: request.row.integration };
-    const owner = { userId, integration };
-    const p = provider(integration);
-    const client: PoolClient = await deps.pool.connect();
-    let broken: Error | undefined;
-    try {
-      // Waiters queue on the lock for as long as one provider call can take.
-      await client.query(`begin; set local lock_timeout = ${deps.settings.providerTimeoutMs + 5_000}`);
-      const row = await lockConnection(client, userId, integration);
-      if (row === undefined) {
-        await client.query("commit");
-        throw new ConnectError("no connection for this user_id and integration", Code.NotFound);
-      }
-      const now = deps.now();
-      const moved = row.generation !== request.row.generation;
-      if (row.status === "needs_reauth") {
-        await client.query("commit");
-        throw needsReauth("the provider refused its refresh token");
-      }
-      const secrets = moved ? openSecrets(deps.keyRing, owner, sealedOf(row)) : request.secrets;
-      // Someone refreshed (or stored) while this call waited: no provider call.
-      if (moved && validFor(row, request.minValidForMs, now)) {
-        await client.query("commit");
-        return { row, secrets, refreshed: true };
-      }
-      if (row.refresh_retry_at !== null && row.refresh_retry_at > now) {
-        await client.query("commit");
-        return whileBackingOff(row, secrets, now);
-      }
-      if (secrets.refreshToken === undefined) {
-        await client.query("commit");
-        if (stillValid(row, now)) return { row, secrets, refreshed: false };
-        throw needsReauth("the access token expired and no refresh token is stored");
-      }
+  /**
+   * Decides under the row lock, inside the transaction. Errors are returned,
+   * not thrown, so what the transaction wrote (needs-reauth, backoff) commits;
+   * the audit event is handed out only after the commit.
+   */
+  const decide = async (client: PoolClient, request: FreshnessRequest, p: ResolvedProvider): Promise<{ outcome: FreshToken | ConnectError; event?: RefreshEvent }> => {
+    const owner = { userId: request.row.user_id, integration: request.row.integration };
+    const row = await lockConnection(client, owner.userId, owner.integration);
+    if (row === undefined) return { outcome: new ConnectError("no connection for this user_id and integration", Code.NotFound) };
+    const now = deps.now();
+    if (row.status === "needs_reauth") return { outcome: needsReauth("the provider refused its refresh token") };
+    const moved = row.generation !== request.row.generation;
+    const secrets = moved ? openSecrets(deps.keyRing, owner, sealedOf(row)) : request.secrets;
+    // Someone refreshed (or stored) while this call waited: no provider call.
+    if (moved && validFor(row, request.minValidForMs, now)) return { outcome: { row, secrets, refreshed: true } };
+    if (row.refresh_retry_at !== null && row.refresh_retry_at > now) return { outcome: whileBackingOff(row, secrets, now) };
+    if (secrets.refreshToken === undefined) {
+      return { outcome: stillValid(row, now) ? { row, secrets, refreshed: false } : needsReauth("the access token expired and no refresh token is stored") };
+    }
 
-      const timeoutMs = Math.min(deps.settings.providerTimeoutMs, request.deadlineMs ?? Infinity);
-      const result = await refreshTokens(p, secrets.refreshToken, row.scopes, AbortSignal.timeout(Math.max(1, timeoutMs)));
-      const after = deps.now();
-      switch (result.kind) {
-        case "ok": {
-          const t = result.tokens;
-          const next: TokenSecrets = {
-            accessToken: t.accessToken,
-            // Rotation-safe: no refresh token in the answer keeps the old one.
-            refreshToken: t.refreshToken ?? secrets.refreshToken,
-            idToken: t.idToken ?? secrets.idToken,
-            extrasJson: secrets.extrasJson,
-          };
-          // Every sealed column is re-sealed under the current key, so the row keeps one key id.
-          const sealed = sealSecrets(deps.keyRing, owner, next);
-          const updated = await updateRefreshedTokens(client, row.id, {
-            keyId: sealed.keyId,
-            accessTokenSealed: sealed.accessToken,
-            refreshTokenSealed: sealed.refreshToken,
-            idTokenSealed: sealed.idToken,
-            extrasSealed: sealed.extras,
-            tokenType: t.tokenType !== undefined && /^[A-Za-z0-9_.-]{1,64}$/.test(t.tokenType) ? t.tokenType : row.token_type,
-            scopes: t.scopes !== undefined && t.scopes.length > 0 ? [...new Set(t.scopes)] : row.scopes,
-            expiresAt: t.expiresIn === undefined ? null : new Date(after.getTime() + t.expiresIn * 1000),
-            refreshTokenExpiresAt:
-              t.refreshTokenExpiresIn !== undefined
-                ? new Date(after.getTime() + t.refreshTokenExpiresIn * 1000)
-                : t.refreshToken !== undefined ? null : row.refresh_token_expires_at,
-          });
-          await client.query("commit");
-          request.onEvent({
+    const timeoutMs = Math.min(deps.settings.providerTimeoutMs, request.deadlineMs ?? Infinity);
+    const result = await refreshTokens(p, secrets.refreshToken, row.scopes, AbortSignal.timeout(Math.max(1, timeoutMs)));
+    const after = deps.now();
+    switch (result.kind) {
+      case "ok": {
+        const t = result.tokens;
+        const next: TokenSecrets = {
+          accessToken: t.accessToken,
+          // Rotation-safe: no refresh token in the answer keeps the old one.
+          refreshToken: t.refreshToken ?? secrets.refreshToken,
+          idToken: t.idToken ?? secrets.idToken,
+          extrasJson: secrets.extrasJson,
+        };
+        // Every sealed column is re-sealed under the current key, so the row keeps one key id.
+        const sealed = sealSecrets(deps.keyRing, owner, next);
+        const updated = await updateRefreshedTokens(client, row.id, {
+          keyId: sealed.keyId,
+          accessTokenSealed: sealed.accessToken,
+          refreshTokenSealed: sealed.refreshToken,
+          idTokenSealed: sealed.idToken,
+          extrasSealed: sealed.extras,
+          tokenType: t.tokenType !== undefined && /^[A-Za-z0-9_.-]{1,64}$/.test(t.tokenType) ? t.tokenType : row.token_type,
+          scopes: t.scopes !== undefined && t.scopes.length > 0 ? [...new Set(t.scopes)] : row.scopes,
+          expiresAt: t.expiresIn === undefined ? null : new Date(after.getTime() + t.expiresIn * 1000),
+          refreshTokenExpiresAt:
+            t.refreshTokenExpiresIn !== undefined
+              ? new Date(after.getTime() + t.refreshTokenExpiresIn * 1000)
+              : t.refreshToken !== undefined ? null : row.refresh_token_expires_at,
+        });
+        return {
+          outcome: { row: updated, secrets: next, refreshed: true },
+          event: {
             action: "refresh",
             outcome: "ok",
             details: { provider: p.name, refresh_token_rotated: t.refreshToken !== undefined, expires_in: t.expiresIn ?? null },
-          });
-          return { row: updated, secrets: next, refreshed: true };
-        }
-        case "invalid_grant": {
-          await markNeedsReauth(client, row.id);
-          await client.query("commit");
-          request.onEvent({ action: "refresh_failed", outcome: "failed_precondition", details: { provider: p.name, error: result.error, needs_reauth: true } });
-          throw needsReauth(`the provider answered ${result.error}`);
-        }
-        case "misconfigured": {
-          await client.query("commit");
-          request.onEvent({ action: "refresh_failed", outcome: "failed_precondition", details: { provider: p.name, error: result.error } });
-          throw notConfigured(`provider "${p.name}" refused the client (${result.error}): check its client id, secret and the catalogue entry`);
-        }
-        case "transient": {
-          const backoff = Math.min(deps.settings.backoffMaxMs, deps.settings.backoffBaseMs * 2 ** Math.min(row.refresh_failures, 30));
-          const retryAt = new Date(after.getTime() + Math.max(backoff, result.retryAfterMs ?? 0));
-          await recordRefreshFailure(client, row.id, retryAt);
-          await client.query("commit");
-          request.onEvent({
+          },
+        };
+      }
+      case "invalid_grant":
+        await markNeedsReauth(client, row.id);
+        return {
+          outcome: needsReauth(`the provider answered ${result.error}`),
+          event: { action: "refresh_failed", outcome: "failed_precondition", details: { provider: p.name, error: result.error, needs_reauth: true } },
+        };
+      case "misconfigured":
+        return {
+          outcome: notConfigured(`provider "${p.name}" refused the client (${result.error}): check its client id, secret and the catalogue entry`),
+          event: { action: "refresh_failed", outcome: "failed_precondition", details: { provider: p.name, error: result.error } },
+        };
+      case "transient": {
+        const backoff = Math.min(deps.settings.backoffMaxMs, deps.settings.backoffBaseMs * 2 ** Math.min(row.refresh_failures, 30));
+        const retryAt = new Date(after.getTime() + Math.max(backoff, result.retryAfterMs ?? 0));
+        await recordRefreshFailure(client, row.id, retryAt);
+        return {
+          outcome: whileBackingOff({ ...row, refresh_retry_at: retryAt }, secrets, after),
+          event: {
             action: "refresh_failed",
             outcome: "unavailable",
             details: {
@@ -248,18 +232,24 @@ export function createRefresher(deps: RefresherDeps): Refresher {
               retry_at: retryAt.toISOString(),
               served_old_token: stillValid(row, after),
             },
-          });
-          return whileBackingOff({ ...row, refresh_retry_at: retryAt }, secrets, after);
-        }
+          },
+        };
       }
-    } catch (err) {
-      await client.query("rollback").catch((e: Error) => {
-        broken = e;
-      });
-      throw err;
-    } finally {
-      client.release(broken);
     }
+  };
+
+  /** One refresh attempt in one transaction holding the row lock. */
+  const refreshLocked = async (request: FreshnessRequest): Promise<FreshToken> => {
+    const p = provider(request.row.integration);
+    const { outcome, event } = await withTransaction(deps.pool, (client) => decide(client, request, p), {
+      // Never retried: a retry would call the provider again.
+      attempts: 1,
+      // Waiters queue on the lock for as long as one provider call can take.
+      lockTimeoutMs: deps.settings.providerTimeoutMs + 5_000,
+    });
+    if (event !== undefined) request.onEvent(event);
+    if (outcome instanceof ConnectError) throw outcome;
+    return outcome;
   };
 
   return {
@@ -272,7 +262,11 @@ export function createRefresher(deps: RefresherDeps): Refresher {
         if (stillValid(row, now)) return { row, secrets, refreshed: false };
         throw needsReauth("the access token expired and no refresh token is stored");
       }
-      if (row.refresh_retry_at !== null && row.refresh_retry_at > now) return whileBackingOff(row, secrets, now);
+      if (row.refresh_retry_at !== null && row.refresh_retry_at > now) {
+        const answer = whileBackingOff(row, secrets, now);
+        if (answer instanceof ConnectError) throw answer;
+        return answer;
+      }
 
       const key = `${row.user_id}\u0000${row.integration}`;
       const shared = inflight.get(key);

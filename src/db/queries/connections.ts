@@ -110,21 +110,34 @@ export async function upsertConnection(
 }
 
 /**
- * Selects the connection and marks it used, in one round trip. Returns
- * undefined when there is none.
+ * Selects the connection and marks it used, in one round trip. The mark never
+ * waits: while a refresh holds the row lock (during its provider call) the
+ * read goes on without it, so Gets queue in the refresher's single flight, not
+ * on the lock with a pool connection each. Returns undefined when there is none.
  */
 export async function selectConnectionForUse(
   db: Queryable,
   userId: string,
   integration: string,
 ): Promise<ConnectionRow | undefined> {
-  const result = await db.query<ConnectionRow>(
-    `update connections set last_used_at = now()
-     where user_id = $1::text and integration = $2::text
-     returning ${rowColumns}`,
-    [userId, integration],
-  );
-  return result.rows[0];
+  const result = await db.query<ConnectionRow & { touched_at: Date | null }>({
+    name: "tokenvault-select-connection-for-use",
+    text: `with c as (
+             select ${rowColumns} from connections where user_id = $1::text and integration = $2::text
+           ), touched as (
+             update connections u set last_used_at = now()
+             from (select id from connections where user_id = $1::text and integration = $2::text
+                   for no key update skip locked) l
+             where u.id = l.id
+             returning u.last_used_at
+           )
+           select c.*, (select last_used_at from touched) as touched_at from c`,
+    values: [userId, integration],
+  });
+  const row = result.rows[0];
+  if (row === undefined) return undefined;
+  const { touched_at, ...rest } = row;
+  return { ...rest, last_used_at: touched_at ?? rest.last_used_at };
 }
 
 /**
