@@ -38,6 +38,8 @@ export async function serve(config: Config, logger: Logger): Promise<void> {
       "DEVELOPMENT KEY RING: tokens are sealed with a key stored next to the data. Never use it in production (set TOKENVAULT_KEYS or TOKENVAULT_KEYS_FILE).",
     );
   }
+  // A broken catalogue stops the start before anything is opened.
+  const catalogue = loadCatalogue({ overrideFile: config.providersFile, settings: config.providerSettings });
   const database = await openDatabase(config, logger);
   const pool = createPool({ connectionString: database.url, max: config.dbPoolMax, logger });
   try {
@@ -71,7 +73,6 @@ export async function serve(config: Config, logger: Logger): Promise<void> {
     logger.warn("no callers are defined: nothing can call this vault until one is added (tokenvault callers add NAME --allow ... --integrations ...)");
   }
 
-  const catalogue = loadCatalogue({ overrideFile: config.providersFile, settings: config.providerSettings });
   const now = () => new Date();
   const refresher = createRefresher({ pool, keyRing: keys.ring, catalogue, now, settings: config.refresh });
   const audit = await openAuditLog({ pool, logger, listenUrl: database.url, settings: config.audit });

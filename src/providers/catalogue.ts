@@ -93,7 +93,11 @@ export interface Catalogue {
  */
 export function loadCatalogue(options: { overrideFile?: string | undefined; settings: (provider: string) => ProviderSettings }): Catalogue {
   const base = readJson(builtInCataloguePath);
-  const merged: CatalogueFile = { providers: { ...base.providers }, integrations: { ...base.integrations } };
+  // No prototype: an entry named "toString" or "constructor" is only what the files say.
+  const merged: CatalogueFile = {
+    providers: Object.assign(Object.create(null) as Record<string, ProviderEntry>, base.providers),
+    integrations: Object.assign(Object.create(null) as Record<string, IntegrationEntry>, base.integrations),
+  };
   if (options.overrideFile !== undefined) {
     const override = readJson(options.overrideFile);
     for (const [name, entry] of Object.entries(override.providers ?? {})) merged.providers[name] = { ...merged.providers[name], ...entry } as ProviderEntry;
@@ -101,7 +105,7 @@ export function loadCatalogue(options: { overrideFile?: string | undefined; sett
   }
   for (const [name, entry] of Object.entries(merged.providers)) checkProvider(name, entry);
   for (const [name, entry] of Object.entries(merged.integrations)) {
-    if (merged.providers[entry.provider] === undefined) throw new CatalogueError(`integration "${name}" names provider "${entry.provider}", which the catalogue does not have`);
+    if (typeof entry.provider !== "string" || !Object.hasOwn(merged.providers, entry.provider)) throw new CatalogueError(`integration "${name}" names provider "${entry.provider}", which the catalogue does not have`);
     if (!Array.isArray(entry.scopes) || !entry.scopes.every((s) => typeof s === "string")) throw new CatalogueError(`integration "${name}": scopes must be a list of strings`);
   }
 
@@ -155,19 +159,42 @@ export function providerSettingsFromEnv(env: Readonly<Record<string, string | un
 }
 
 function readJson(file: string | URL): Partial<CatalogueFile> {
+  let parsed: unknown;
   try {
-    return JSON.parse(readFileSync(file, "utf8")) as Partial<CatalogueFile>;
+    parsed = JSON.parse(readFileSync(file, "utf8"));
   } catch (err) {
     throw new CatalogueError(`cannot read the provider catalogue ${String(file)}: ${(err as Error).message}`);
+  }
+  const isObject = (v: unknown): v is Record<string, unknown> => typeof v === "object" && v !== null && !Array.isArray(v);
+  if (!isObject(parsed)) throw new CatalogueError(`the provider catalogue ${String(file)} must be a JSON object with "providers" and "integrations"`);
+  for (const section of ["providers", "integrations"] as const) {
+    const value = parsed[section];
+    if (value === undefined) continue;
+    if (!isObject(value)) throw new CatalogueError(`the provider catalogue ${String(file)}: "${section}" must be an object`);
+    for (const [name, entry] of Object.entries(value)) {
+      if (!isObject(entry)) throw new CatalogueError(`the provider catalogue ${String(file)}: ${section} entry "${name}" must be an object`);
+    }
+  }
+  return parsed as Partial<CatalogueFile>;
+}
+
+/** Whether `url` is an http(s) URL once its {placeholders} are filled. */
+function isHttpUrl(url: unknown): boolean {
+  if (typeof url !== "string") return false;
+  try {
+    const parsed = new URL(url.replace(/\{[a-z_]+\}/g, "x"));
+    return (parsed.protocol === "https:" || parsed.protocol === "http:") && parsed.hostname !== "" && !/\s/.test(url);
+  } catch {
+    return false;
   }
 }
 
 function checkProvider(name: string, p: ProviderEntry): void {
   const where = `provider "${name}"`;
   for (const field of ["authorizationUrl", "tokenUrl"] as const) {
-    if (typeof p[field] !== "string" || !/^https?:\/\//.test(p[field])) throw new CatalogueError(`${where}: ${field} must be an http(s) URL`);
+    if (!isHttpUrl(p[field])) throw new CatalogueError(`${where}: ${field} must be an http(s) URL`);
   }
-  if (p.revocationUrl !== null && (typeof p.revocationUrl !== "string" || !/^https?:\/\//.test(p.revocationUrl))) {
+  if (p.revocationUrl !== null && !isHttpUrl(p.revocationUrl)) {
     throw new CatalogueError(`${where}: revocationUrl must be an http(s) URL or null`);
   }
   if (p.tokenEndpointAuthMethod !== "client_secret_post" && p.tokenEndpointAuthMethod !== "client_secret_basic") {

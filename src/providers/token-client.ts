@@ -53,7 +53,9 @@ function authenticate(provider: ResolvedProvider, body: URLSearchParams, headers
 /** Exchanges a refresh token for new tokens. `signal` bounds the call (deadline and timeout). */
 export async function refreshTokens(provider: ResolvedProvider, refreshToken: string, scopes: readonly string[], signal: AbortSignal): Promise<RefreshResult> {
   const body = new URLSearchParams({ grant_type: "refresh_token", refresh_token: refreshToken });
-  if (provider.refreshSendsScope && scopes.length > 0) body.set("scope", scopes.join(provider.scopeSeparator));
+  // The required scopes too: a provider's answer may leave offline_access out of the stored scopes.
+  const scope = [...new Set([...scopes, ...provider.requiredScopes])];
+  if (provider.refreshSendsScope && scope.length > 0) body.set("scope", scope.join(provider.scopeSeparator));
   const headers: Record<string, string> = { "content-type": "application/x-www-form-urlencoded", accept: "application/json" };
   authenticate(provider, body, headers);
 
@@ -135,7 +137,6 @@ export async function revokeToken(
 /** Retry-After in ms: delta-seconds or an HTTP date (RFC 9110 §10.2.3). */
 function retryAfter(value: string | null): number | undefined {
   if (value === null) return undefined;
-  if (/^\d+$/.test(value.trim())) return Number(value.trim()) * 1000;
-  const at = Date.parse(value);
-  return Number.isNaN(at) ? undefined : Math.max(0, at - Date.now());
+  const ms = /^\d+$/.test(value.trim()) ? Number(value.trim()) * 1000 : Date.parse(value) - Date.now();
+  return Number.isFinite(ms) ? Math.max(0, ms) : undefined;
 }

@@ -82,8 +82,8 @@ export interface FreshnessRequest {
   secrets: TokenSecrets;
   /** How long the token must stay valid. */
   minValidForMs: number;
-  /** When the caller stops waiting (ms from now), if it set a deadline. */
-  deadlineMs: number | undefined;
+  /** When the caller stops waiting (epoch ms), if it set a deadline. */
+  deadlineAt: number | undefined;
   /** Receives the refresh or refresh_failed event when this call talked to the provider. */
   onEvent: (event: RefreshEvent) => void;
 }
@@ -93,6 +93,9 @@ export interface Refresher {
   /** The token to return for `request.row`, refreshed first when needed. Throws ConnectErrors. */
   ensureFresh(request: FreshnessRequest): Promise<FreshToken>;
 }
+
+/** The longest Retry-After honoured. */
+const maxRetryAfterMs = 24 * 3600 * 1000;
 
 function detail(reason: ErrorReason) {
   return [{ desc: ErrorDetailSchema, value: create(ErrorDetailSchema, { reason }) }];
@@ -167,7 +170,8 @@ export function createRefresher(deps: RefresherDeps): Refresher {
       return { outcome: stillValid(row, now) ? { row, secrets, refreshed: false } : needsReauth("the access token expired and no refresh token is stored") };
     }
 
-    const timeoutMs = Math.min(deps.settings.providerTimeoutMs, request.deadlineMs ?? Infinity);
+    // What is left of the caller's deadline after the database work so far.
+    const timeoutMs = Math.min(deps.settings.providerTimeoutMs, (request.deadlineAt ?? Infinity) - Date.now());
     const result = await refreshTokens(p, secrets.refreshToken, row.scopes, AbortSignal.timeout(Math.max(1, timeoutMs)));
     const after = deps.now();
     switch (result.kind) {
@@ -218,7 +222,8 @@ export function createRefresher(deps: RefresherDeps): Refresher {
         };
       case "transient": {
         const backoff = Math.min(deps.settings.backoffMaxMs, deps.settings.backoffBaseMs * 2 ** Math.min(row.refresh_failures, 30));
-        const retryAt = new Date(after.getTime() + Math.max(backoff, result.retryAfterMs ?? 0));
+        // A provider's Retry-After is honoured up to a day: a wild value must not park the connection for years.
+        const retryAt = new Date(after.getTime() + Math.min(Math.max(backoff, result.retryAfterMs ?? 0), maxRetryAfterMs));
         await recordRefreshFailure(client, row.id, retryAt);
         return {
           outcome: whileBackingOff({ ...row, refresh_retry_at: retryAt }, secrets, after),

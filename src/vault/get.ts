@@ -17,6 +17,7 @@ import { validateIntegration, validateMinValidFor, validateRefreshMode, validate
 
 /** Handles TokenVaultService.Get. */
 export async function get(deps: VaultDeps, req: GetRequest, ctx: HandlerContext): Promise<GetResponse> {
+  const started = Date.now();
   const userId = validateUserId(req.userId);
   const integration = validateIntegration(req.integration);
   const minValidForSeconds = validateMinValidFor(req.minValidFor);
@@ -41,7 +42,7 @@ export async function get(deps: VaultDeps, req: GetRequest, ctx: HandlerContext)
         row: read,
         secrets: opened,
         minValidForMs: minValidForSeconds * 1000,
-        deadlineMs: ctx.timeoutMs(),
+        deadlineAt: ctx.timeoutMs() === undefined ? undefined : started + ctx.timeoutMs()!,
         onEvent: (event) => note?.events.push(event),
       });
   const connection = connectionFromRow({ ...row, has_refresh_token: row.refresh_token_sealed !== null }, deps.now());
