@@ -106,8 +106,13 @@ export function createAuditWriter(options: AuditWriterOptions): AuditWriter {
       counters.batches += 1;
       counters.events += events.length;
       counters.largestBatch = Math.max(counters.largestBatch, events.length);
-      options.onCommit?.(events);
       batch.forEach((w, i) => w.resolve(events[i]!));
+      try {
+        options.onCommit?.(events);
+      } catch (err) {
+        // Committed is committed: followers catch up at the next poll.
+        options.logger.error({ message: (err as Error).message }, "audit feed could not take a committed batch");
+      }
     } catch (err) {
       await client.query("rollback").catch((e: Error) => {
         broken = e;

@@ -13,6 +13,8 @@ export interface TransactionOptions {
   attempts?: number;
   /** `SET LOCAL lock_timeout`, in ms, so a stuck lock fails fast (55P03) instead of waiting forever. */
   lockTimeoutMs?: number;
+  /** `SET LOCAL statement_timeout`, in ms, when the pool's default is too short for this transaction. */
+  statementTimeoutMs?: number;
 }
 
 /** Runs `fn` in one transaction on one pooled client. */
@@ -29,6 +31,9 @@ export async function withTransaction<T>(
       await client.query("begin");
       if (options.lockTimeoutMs !== undefined) {
         await client.query(`set local lock_timeout = ${Math.max(1, Math.trunc(options.lockTimeoutMs))}`);
+      }
+      if (options.statementTimeoutMs !== undefined) {
+        await client.query(`set local statement_timeout = ${Math.max(1, Math.trunc(options.statementTimeoutMs))}`);
       }
       const result = await fn(client);
       await client.query("commit");

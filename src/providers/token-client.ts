@@ -31,6 +31,9 @@ export type RefreshResult =
   /** Worth retrying later: timeout, network, 5xx, 429, malformed answer. */
   | { kind: "transient"; reason: string; retryAfterMs: number | undefined };
 
+/** The longest token lifetime believed (Store accepts the same). */
+const maxLifetimeSeconds = 10 * 365 * 24 * 3600;
+
 /** Error codes that mean the grant itself is dead, as providers spell it. */
 const deadGrant = new Set(["invalid_grant", "bad_refresh_token", "invalid_refresh_token", "token_revoked", "expired_token"]);
 /** Error codes that mean the client's configuration is wrong. */
@@ -93,7 +96,8 @@ export async function refreshTokens(provider: ResolvedProvider, refreshToken: st
   }
   const seconds = (v: unknown) => {
     const n = typeof v === "string" && /^\d+$/.test(v) ? Number(v) : v;
-    return typeof n === "number" && Number.isFinite(n) && n > 0 ? Math.floor(n) : undefined;
+    // Longer than ten years is nonsense (and past what a Date can hold): treat it as not given.
+    return typeof n === "number" && Number.isFinite(n) && n > 0 && n <= maxLifetimeSeconds ? Math.floor(n) : undefined;
   };
   const refresh = json.refresh_token;
   return {

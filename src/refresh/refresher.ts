@@ -14,9 +14,11 @@
  *   connection (exponential, capped, or the provider's Retry-After), stored on
  *   the row so every replica honours it; the old token is returned while it is
  *   still valid. Nothing stored is overwritten by a failed refresh.
- * - The provider call is bounded by the configured timeout and the caller's
- *   deadline; the row lock is held during it, so the lock timeout of waiters
- *   is longer than the provider timeout.
+ * - The provider call is bounded by the configured timeout; a caller whose
+ *   deadline comes first gets DEADLINE_EXCEEDED then, while the refresh goes
+ *   on and commits (aborting it could lose a token the provider already
+ *   rotated). The row lock is held during the call, so the lock and statement
+ *   timeouts of waiters are longer than the provider timeout.
  *
  * What can be lost: if the process dies after the provider answered and before
  * the commit, the new tokens are lost and the old refresh token stays stored.
@@ -170,9 +172,10 @@ export function createRefresher(deps: RefresherDeps): Refresher {
       return { outcome: stillValid(row, now) ? { row, secrets, refreshed: false } : needsReauth("the access token expired and no refresh token is stored") };
     }
 
-    // What is left of the caller's deadline after the database work so far.
-    const timeoutMs = Math.min(deps.settings.providerTimeoutMs, (request.deadlineAt ?? Infinity) - Date.now());
-    const result = await refreshTokens(p, secrets.refreshToken, row.scopes, AbortSignal.timeout(Math.max(1, timeoutMs)));
+    // Bounded by the configured timeout only: a caller that stops waiting is
+    // answered at its deadline (ensureFresh), but the refresh carries on and
+    // commits, so a token the provider already rotated is never thrown away.
+    const result = await refreshTokens(p, secrets.refreshToken, row.scopes, AbortSignal.timeout(deps.settings.providerTimeoutMs));
     const after = deps.now();
     switch (result.kind) {
       case "ok": {
@@ -249,8 +252,10 @@ export function createRefresher(deps: RefresherDeps): Refresher {
     const { outcome, event } = await withTransaction(deps.pool, (client) => decide(client, request, p), {
       // Never retried: a retry would call the provider again.
       attempts: 1,
-      // Waiters queue on the lock for as long as one provider call can take.
+      // Waiters queue on the lock for as long as one provider call can take,
+      // and no statement timeout of the pool cuts them off first.
       lockTimeoutMs: deps.settings.providerTimeoutMs + 5_000,
+      statementTimeoutMs: deps.settings.providerTimeoutMs + 10_000,
     });
     if (event !== undefined) request.onEvent(event);
     if (outcome instanceof ConnectError) throw outcome;
@@ -273,18 +278,43 @@ export function createRefresher(deps: RefresherDeps): Refresher {
         return answer;
       }
 
+      if (request.deadlineAt !== undefined && request.deadlineAt <= Date.now()) {
+        throw new ConnectError("the deadline passed before the token could be refreshed", Code.DeadlineExceeded);
+      }
       const key = `${row.user_id}\u0000${row.integration}`;
       const shared = inflight.get(key);
       if (shared !== undefined) {
-        const result = await shared;
+        const result = await withinDeadline(shared, request.deadlineAt);
         // The shared refresh may have been for a shorter min_valid_for; it is the freshest there is.
         return { ...result, refreshed: result.row.generation !== row.generation };
       }
       const attempt = refreshLocked(request).finally(() => inflight.delete(key));
       inflight.set(key, attempt);
-      return attempt;
+      return withinDeadline(attempt, request.deadlineAt);
     },
   };
+}
+
+/**
+ * The caller's view of a refresh: DEADLINE_EXCEEDED when its deadline passes
+ * first. The refresh itself goes on (and its failure, if any, is not the
+ * caller's concern any more).
+ */
+async function withinDeadline(attempt: Promise<FreshToken>, deadlineAt: number | undefined): Promise<FreshToken> {
+  if (deadlineAt === undefined) return attempt;
+  attempt.catch(() => {}); // observed here even when the caller has gone
+  let timer: NodeJS.Timeout | undefined;
+  const expired = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () => reject(new ConnectError("the deadline passed while the token was being refreshed; the refresh goes on, retry", Code.DeadlineExceeded)),
+      Math.max(0, deadlineAt - Date.now()),
+    );
+  });
+  try {
+    return await Promise.race([attempt, expired]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 function sealedOf(row: ConnectionRow) {

@@ -112,7 +112,9 @@ export async function* streamAudit(
       if (live && upTo - cursor > BigInt(maxLag)) {
         throw resumable(Code.ResourceExhausted, `this stream fell more than ${maxLag} events behind the log`, cursor);
       }
-      let events = feed.after(cursor, pageSize);
+      // The ring only knows what the feed has seen: a replay's end read from the
+      // table may be past it (another replica's events not yet notified).
+      let events = upTo <= feed.head() ? feed.after(cursor, pageSize) : undefined;
       let scannedTo: bigint;
       if (events !== undefined) {
         // The ring is contiguous from cursor + 1; a replay without follow stops at its end.
