@@ -231,13 +231,13 @@ describe("graceful shutdown", () => {
     await until(() => statuses.length > 0, 10_000, "the first Watch message");
     expect(statuses).toEqual([Status.SERVING]);
 
-    // Hold the row lock: Get updates last_used_at, so it waits on it.
+    // Hold a lock on the whole table: Get's read waits on it (a row lock would
+    // not do: Get marks the row used with SKIP LOCKED and reads on).
     const locker = new pg.Client({ connectionString: db.url });
     await locker.connect();
     try {
       await locker.query("begin");
-      const locked = await locker.query("select * from connections where user_id = $1 and integration = $2 for update", [userId, integration]);
-      expect(locked.rowCount).toBe(1);
+      await locker.query("lock table connections in access exclusive mode");
 
       // Two Gets wait on it: one over gRPC (HTTP/2), one over the Connect protocol (HTTP/1.1).
       let getSettled = false;
@@ -250,7 +250,7 @@ describe("graceful shutdown", () => {
       // Observed below; keep an early failure from being unhandled meanwhile.
       inFlight.catch(() => {});
       inFlightHttp1.catch(() => {});
-      await until(async () => (await lockWaiters(db)) === 2, 10_000, "both Gets to wait on the row lock");
+      await until(async () => (await lockWaiters(db)) === 2, 10_000, "both Gets to wait on the table lock");
       expect(getSettled).toBe(false);
 
       // Before the signal a new connection is served, so the poll below can tell.
@@ -373,12 +373,12 @@ describe("graceful shutdown", () => {
     await locker.connect();
     try {
       await locker.query("begin");
-      await locker.query("select * from connections where user_id = 'stuck-user' for update");
+      await locker.query("lock table connections in access exclusive mode");
       const stuck = client.get({ userId: "stuck-user", integration: "jira" }).then(
         () => "resolved",
         (err: unknown) => ConnectError.from(err).code,
       );
-      await until(async () => (await lockWaiters(db)) === 1, 10_000, "the Get to wait on the row lock");
+      await until(async () => (await lockWaiters(db)) === 1, 10_000, "the Get to wait on the table lock");
 
       const signalledAt = Date.now();
       a.kill("SIGTERM");
