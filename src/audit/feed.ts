@@ -43,8 +43,6 @@ export interface AuditFeed {
   register(): () => void;
   /** Hands over a batch this process just committed. */
   push(events: readonly AuditEvent[]): void;
-  /** Reads audit_head now and catches up. */
-  sync(): Promise<void>;
   /** True once {@link endStreams} was called: followers must end with a resumable status. */
   readonly ending: boolean;
   /** Tells every follower to end (server shutdown). */
@@ -179,7 +177,6 @@ export async function createAuditFeed(options: AuditFeedOptions): Promise<AuditF
       if (events[0]!.id === head + 1n) append(events);
       else if (events[events.length - 1]!.id > head) void sync(events[events.length - 1]!.id);
     },
-    sync: () => sync(),
     get ending() {
       return ending;
     },
