@@ -120,7 +120,7 @@ export async function selectConnectionForUse(
   userId: string,
   integration: string,
 ): Promise<ConnectionRow | undefined> {
-  const result = await db.query<ConnectionRow & { touched_at: Date | null }>({
+  const result = await db.query<ConnectionRow & { touched_at: Date }>({
     name: "tokenvault-select-connection-for-use",
     text: `with c as (
              select ${rowColumns} from connections where user_id = $1::text and integration = $2::text
@@ -131,13 +131,15 @@ export async function selectConnectionForUse(
              where u.id = l.id
              returning u.last_used_at
            )
-           select c.*, (select last_used_at from touched) as touched_at from c`,
+           -- a Get that could not take the mark (another Get or a refresh holds the
+           -- row) still used the connection now
+           select c.*, coalesce((select last_used_at from touched), now()) as touched_at from c`,
     values: [userId, integration],
   });
   const row = result.rows[0];
   if (row === undefined) return undefined;
   const { touched_at, ...rest } = row;
-  return { ...rest, last_used_at: touched_at ?? rest.last_used_at };
+  return { ...rest, last_used_at: touched_at };
 }
 
 /**
