@@ -89,6 +89,21 @@ export function canonicalEncoding(id: bigint, event: AuditEventInput): string {
   ]);
 }
 
+/** An event of an administrative command run from the CLI (no caller, request or peer). */
+export function commandEvent(action: AuditAction, details: Record<string, DetailValue>): AuditEventInput {
+  return {
+    occurredAt: new Date(),
+    caller: null,
+    action,
+    userId: null,
+    integration: null,
+    outcome: "ok",
+    requestId: null,
+    peer: null,
+    details: { by: "cli", ...details },
+  };
+}
+
 /** Places `events` after `head` in the chain: the next ids and the hashes linking them. */
 export function chainEvents(head: { lastId: bigint; lastHash: Buffer }, events: readonly AuditEventInput[]): AuditEvent[] {
   let prevHash = head.lastHash;

@@ -8,7 +8,7 @@ import type { AuditSettings } from "../config.js";
 import type { Logger } from "../log.js";
 import { createAuditFeed, type AuditFeed } from "./feed.js";
 import { createAuditWriter, type AuditWriter } from "./writer.js";
-import type { AuditAction, DetailValue } from "./chain.js";
+import { commandEvent, type AuditAction, type DetailValue } from "./chain.js";
 
 /** A running audit log. */
 export interface AuditLog {
@@ -50,17 +50,7 @@ export async function openAuditLog(options: { pool: Pool; logger: Logger; listen
 export async function recordCommandEvent(pool: Pool, logger: Logger, action: AuditAction, details: Record<string, DetailValue>): Promise<void> {
   const writer = createAuditWriter({ pool, logger, maxBatch: 1, maxWaitMs: 0, maxQueue: 1, lockTimeoutMs: 5_000 });
   try {
-    await writer.record({
-      occurredAt: new Date(),
-      caller: null,
-      action,
-      userId: null,
-      integration: null,
-      outcome: "ok",
-      requestId: null,
-      peer: null,
-      details: { by: "cli", ...details },
-    });
+    await writer.record(commandEvent(action, details));
   } finally {
     await writer.close();
   }

@@ -8,7 +8,7 @@
 import type { Pool } from "pg";
 import { appendAuditEvents, lockAuditHead, pruneAuditEvents, type AuditCheckpoint } from "../db/queries/audit.js";
 import { withTransaction } from "../db/transaction.js";
-import { chainEvents } from "./chain.js";
+import { chainEvents, commandEvent } from "./chain.js";
 
 /** Prunes events older than `before`; returns the checkpoint, or undefined when nothing was old enough. */
 export async function pruneAudit(pool: Pool, before: Date, options: { lockTimeoutMs: number; by: string }): Promise<AuditCheckpoint | undefined> {
@@ -17,22 +17,12 @@ export async function pruneAudit(pool: Pool, before: Date, options: { lockTimeou
     if (checkpoint === undefined) return undefined;
     const head = await lockAuditHead(client, options.lockTimeoutMs, { begin: false });
     const events = chainEvents(head, [
-      {
-        occurredAt: new Date(),
-        caller: null,
-        action: "audit_prune",
-        userId: null,
-        integration: null,
-        outcome: "ok",
-        requestId: null,
-        peer: null,
-        details: {
-          by: options.by,
-          before: before.toISOString(),
-          pruned: checkpoint.prunedCount.toString(),
-          checkpoint: checkpoint.lastId.toString(),
-        },
-      },
+      commandEvent("audit_prune", {
+        by: options.by,
+        before: before.toISOString(),
+        pruned: checkpoint.prunedCount.toString(),
+        checkpoint: checkpoint.lastId.toString(),
+      }),
     ]);
     await appendAuditEvents(client, events);
     return checkpoint;

@@ -9,7 +9,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import type { Pool, PoolClient } from "pg";
 import { openSecrets, sealSecrets } from "../crypto/token-seal.js";
 import type { KeyRing } from "../crypto/key-ring.js";
-import { countConnectionsByKey, countRowsToReseal, lockRowsToReseal, updateSealedColumns } from "../db/queries/connections.js";
+import { countConnectionsByKey, countRowsToReseal, lockRowsToReseal, sealedSecretsOf, updateSealedColumns } from "../db/queries/connections.js";
 import { withTransaction } from "../db/transaction.js";
 
 /** Progress of a rotation, reported after every batch. */
@@ -60,13 +60,7 @@ async function resealBatch(client: PoolClient, ring: KeyRing, batchSize: number)
   const rows = await lockRowsToReseal(client, ring.current.id, batchSize);
   for (const row of rows) {
     const owner = { userId: row.user_id, integration: row.integration };
-    const secrets = openSecrets(ring, owner, {
-      keyId: row.key_id,
-      accessToken: row.access_token_sealed,
-      refreshToken: row.refresh_token_sealed,
-      idToken: row.id_token_sealed,
-      extras: row.extras_sealed,
-    });
+    const secrets = openSecrets(ring, owner, sealedSecretsOf(row));
     const sealed = sealSecrets(ring, owner, secrets);
     await updateSealedColumns(client, {
       id: row.id,

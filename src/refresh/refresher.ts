@@ -34,6 +34,7 @@ import {
   lockConnection,
   markNeedsReauth,
   recordRefreshFailure,
+  sealedSecretsOf,
   updateRefreshedTokens,
   type ConnectionRow,
 } from "../db/queries/connections.js";
@@ -164,7 +165,7 @@ export function createRefresher(deps: RefresherDeps): Refresher {
     const now = deps.now();
     if (row.status === "needs_reauth") return { outcome: needsReauth("the provider refused its refresh token") };
     const moved = row.generation !== request.row.generation;
-    const secrets = moved ? openSecrets(deps.keyRing, owner, sealedOf(row)) : request.secrets;
+    const secrets = moved ? openSecrets(deps.keyRing, owner, sealedSecretsOf(row)) : request.secrets;
     // Someone refreshed (or stored) while this call waited: no provider call.
     if (moved && validFor(row, request.minValidForMs, now)) return { outcome: { row, secrets, refreshed: true } };
     if (row.refresh_retry_at !== null && row.refresh_retry_at > now) return { outcome: whileBackingOff(row, secrets, now) };
@@ -315,14 +316,4 @@ async function withinDeadline(attempt: Promise<FreshToken>, deadlineAt: number |
   } finally {
     clearTimeout(timer);
   }
-}
-
-function sealedOf(row: ConnectionRow) {
-  return {
-    keyId: row.key_id,
-    accessToken: row.access_token_sealed,
-    refreshToken: row.refresh_token_sealed,
-    idToken: row.id_token_sealed,
-    extras: row.extras_sealed,
-  };
 }

@@ -10,7 +10,7 @@ import { create } from "@bufbuild/protobuf";
 import { RevocationSchema, RevocationStatus, type Revocation } from "../gen/tokenvault/v1/tokenvault_pb.js";
 import type { KeyRing } from "../crypto/key-ring.js";
 import { openSecrets } from "../crypto/token-seal.js";
-import type { ConnectionRow } from "../db/queries/connections.js";
+import { sealedSecretsOf, type ConnectionRow } from "../db/queries/connections.js";
 import type { Catalogue } from "../providers/catalogue.js";
 import { revokeToken } from "../providers/token-client.js";
 
@@ -33,13 +33,7 @@ async function revokeOne(row: ConnectionRow, deps: { keyRing: KeyRing; catalogue
   if (provider.clientId === undefined) return RevocationStatus.FAILED;
   let secrets;
   try {
-    secrets = openSecrets(deps.keyRing, { userId: row.user_id, integration: row.integration }, {
-      keyId: row.key_id,
-      accessToken: row.access_token_sealed,
-      refreshToken: row.refresh_token_sealed,
-      idToken: row.id_token_sealed,
-      extras: row.extras_sealed,
-    });
+    secrets = openSecrets(deps.keyRing, { userId: row.user_id, integration: row.integration }, sealedSecretsOf(row));
   } catch {
     return RevocationStatus.FAILED;
   }

@@ -7,7 +7,7 @@ import { create, type JsonObject } from "@bufbuild/protobuf";
 import type { HandlerContext } from "@connectrpc/connect";
 import { GetResponseSchema, RefreshMode, type GetRequest, type GetResponse } from "../gen/tokenvault/v1/tokenvault_pb.js";
 import { openSecrets } from "../crypto/token-seal.js";
-import { selectConnectionForUse } from "../db/queries/connections.js";
+import { sealedSecretsOf, selectConnectionForUse } from "../db/queries/connections.js";
 import { needsReauth } from "../refresh/refresher.js";
 import { auditNoteKey } from "./audit-interceptor.js";
 import { connectionFromRow } from "./convert.js";
@@ -28,13 +28,7 @@ export async function get(deps: VaultDeps, req: GetRequest, ctx: HandlerContext)
   // A connection whose refresh token the provider refused answers at once, without the provider.
   if (read.status === "needs_reauth") throw needsReauth("the provider refused its refresh token");
   // Throws IntegrityError (-> DATA_LOSS) before anything is returned.
-  const opened = openSecrets(deps.keyRing, { userId, integration }, {
-    keyId: read.key_id,
-    accessToken: read.access_token_sealed,
-    refreshToken: read.refresh_token_sealed,
-    idToken: read.id_token_sealed,
-    extras: read.extras_sealed,
-  });
+  const opened = openSecrets(deps.keyRing, { userId, integration }, sealedSecretsOf(read));
   const note = ctx.values.get(auditNoteKey);
   const { row, secrets, refreshed } = mode === RefreshMode.NEVER
     ? { row: read, secrets: opened, refreshed: false }

@@ -14,7 +14,7 @@ import {
   type RemoveRequest,
   type RemoveResponse,
 } from "../gen/tokenvault/v1/tokenvault_pb.js";
-import { deleteConnection, deleteConnectionReturning, deleteUserConnections, deleteUserConnectionsReturning } from "../db/queries/connections.js";
+import { deleteConnection, deleteUserConnections } from "../db/queries/connections.js";
 import { revokeDeleted } from "../refresh/revoke.js";
 import type { VaultDeps } from "./deps.js";
 import { validateIntegration, validateUserId } from "./validate.js";
@@ -23,8 +23,8 @@ import { validateIntegration, validateUserId } from "./validate.js";
 export async function remove(deps: VaultDeps, req: RemoveRequest): Promise<RemoveResponse> {
   const userId = validateUserId(req.userId);
   const integration = validateIntegration(req.integration);
-  if (!req.revoke) return create(RemoveResponseSchema, { existed: await deleteConnection(deps.pool, userId, integration) });
-  const rows = await deleteConnectionReturning(deps.pool, userId, integration);
+  const rows = await deleteConnection(deps.pool, userId, integration);
+  if (!req.revoke) return create(RemoveResponseSchema, { existed: rows.length === 1 });
   const [revocation] = await revokeDeleted(rows, revocationDeps(deps));
   return create(RemoveResponseSchema, {
     existed: rows.length === 1,
@@ -35,9 +35,11 @@ export async function remove(deps: VaultDeps, req: RemoveRequest): Promise<Remov
 /** Handles TokenVaultService.ClearUser. */
 export async function clearUser(deps: VaultDeps, req: ClearUserRequest): Promise<ClearUserResponse> {
   const userId = validateUserId(req.userId);
-  if (!req.revoke) return create(ClearUserResponseSchema, { removedCount: await deleteUserConnections(deps.pool, userId) });
-  const rows = await deleteUserConnectionsReturning(deps.pool, userId);
-  return create(ClearUserResponseSchema, { removedCount: rows.length, revocations: await revokeDeleted(rows, revocationDeps(deps)) });
+  const rows = await deleteUserConnections(deps.pool, userId);
+  return create(ClearUserResponseSchema, {
+    removedCount: rows.length,
+    revocations: req.revoke ? await revokeDeleted(rows, revocationDeps(deps)) : [],
+  });
 }
 
 function revocationDeps(deps: VaultDeps) {

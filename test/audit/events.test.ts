@@ -28,6 +28,7 @@ import { Health, HealthCheckResponse_ServingStatus } from "../../src/gen/grpc/he
 import { ServerReflection, type ServerReflectionRequestSchema } from "../../src/gen/grpc/reflection/v1/reflection_pb.js";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { eventHash, genesisHash, type AuditEventInput, type DetailValue } from "../../src/audit/chain.js";
+import type { AuditEventRow } from "../../src/db/queries/audit.js";
 import { rpcNames } from "../../src/auth/policy.js";
 import type { KeyRing } from "../../src/crypto/key-ring.js";
 import { createTestDatabase, type TestDatabase } from "../helpers/db.js";
@@ -96,20 +97,7 @@ afterAll(async () => {
 // ---------------------------------------------------------------------------
 
 /** An audit_events row as pg returns it. */
-interface AuditRow {
-  id: string;
-  occurred_at: Date;
-  caller: string | null;
-  action: string;
-  user_id: string | null;
-  integration: string | null;
-  outcome: string;
-  request_id: string | null;
-  peer: string | null;
-  details: Record<string, DetailValue>;
-  prev_hash: Buffer;
-  hash: Buffer;
-}
+type AuditRow = AuditEventRow;
 
 /** A fresh request id that the server honours (matches /^[A-Za-z0-9._:-]{1,128}$/). */
 const newRequestId = (label: string): string => `${label}.${randomBytes(6).toString("hex")}`;

@@ -12,7 +12,7 @@ type Queryable = Pool | PoolClient;
 export const auditChannel = "tokenvault_audit";
 
 /** An audit_events row as pg returns it. */
-interface AuditEventRow {
+export interface AuditEventRow {
   id: string;
   occurred_at: Date;
   caller: string | null;
@@ -183,27 +183,31 @@ export interface AuditCheckpoint {
   prunedBefore: Date;
 }
 
-/** The newest checkpoint, if the log was ever pruned. */
-export async function selectLatestCheckpoint(db: Queryable): Promise<AuditCheckpoint | undefined> {
-  const result = await db.query<{ last_id: string; last_hash: Buffer; pruned_count: string; pruned_before: Date }>(
-    "select last_id, last_hash, pruned_count, pruned_before from audit_checkpoints order by last_id desc limit 1",
-  );
-  const row = result.rows[0];
+interface CheckpointRow {
+  last_id: string;
+  last_hash: Buffer;
+  pruned_count: string;
+  pruned_before: Date;
+}
+
+const checkpointColumns = "last_id, last_hash, pruned_count, pruned_before";
+
+function checkpointFromRow(row: CheckpointRow | undefined): AuditCheckpoint | undefined {
   return row === undefined
     ? undefined
     : { lastId: BigInt(row.last_id), lastHash: row.last_hash, prunedCount: BigInt(row.pruned_count), prunedBefore: row.pruned_before };
 }
 
+/** The newest checkpoint, if the log was ever pruned. */
+export async function selectLatestCheckpoint(db: Queryable): Promise<AuditCheckpoint | undefined> {
+  const result = await db.query<CheckpointRow>(`select ${checkpointColumns} from audit_checkpoints order by last_id desc limit 1`);
+  return checkpointFromRow(result.rows[0]);
+}
+
 /** The checkpoint that ends exactly at `lastId`, if any. */
 export async function selectCheckpointAt(db: Queryable, lastId: bigint): Promise<AuditCheckpoint | undefined> {
-  const result = await db.query<{ last_id: string; last_hash: Buffer; pruned_count: string; pruned_before: Date }>(
-    "select last_id, last_hash, pruned_count, pruned_before from audit_checkpoints where last_id = $1::bigint",
-    [lastId.toString()],
-  );
-  const row = result.rows[0];
-  return row === undefined
-    ? undefined
-    : { lastId: BigInt(row.last_id), lastHash: row.last_hash, prunedCount: BigInt(row.pruned_count), prunedBefore: row.pruned_before };
+  const result = await db.query<CheckpointRow>(`select ${checkpointColumns} from audit_checkpoints where last_id = $1::bigint`, [lastId.toString()]);
+  return checkpointFromRow(result.rows[0]);
 }
 
 /**

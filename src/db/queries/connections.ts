@@ -3,6 +3,7 @@
  * opaque bytes here: sealing and opening happen in src/crypto.
  */
 import type { Pool, PoolClient } from "pg";
+import type { SealedSecrets } from "../../crypto/token-seal.js";
 
 type Queryable = Pool | PoolClient;
 
@@ -199,17 +200,8 @@ export async function recordRefreshFailure(client: PoolClient, id: string, retry
   );
 }
 
-/** Deletes one connection; true when it existed. */
-export async function deleteConnection(db: Queryable, userId: string, integration: string): Promise<boolean> {
-  const result = await db.query("delete from connections where user_id = $1::text and integration = $2::text", [
-    userId,
-    integration,
-  ]);
-  return result.rowCount === 1;
-}
-
-/** Deletes one connection and returns what it held (for revocation at the provider). */
-export async function deleteConnectionReturning(db: Queryable, userId: string, integration: string): Promise<ConnectionRow[]> {
+/** Deletes one connection and returns what it held (none, or one row), for revocation at the provider. */
+export async function deleteConnection(db: Queryable, userId: string, integration: string): Promise<ConnectionRow[]> {
   const result = await db.query<ConnectionRow>(
     `delete from connections where user_id = $1::text and integration = $2::text returning ${rowColumns}`,
     [userId, integration],
@@ -217,16 +209,10 @@ export async function deleteConnectionReturning(db: Queryable, userId: string, i
   return result.rows;
 }
 
-/** Deletes every connection of a user and returns what they held, by integration. */
-export async function deleteUserConnectionsReturning(db: Queryable, userId: string): Promise<ConnectionRow[]> {
+/** Deletes every connection of a user and returns what they held, ordered by integration. */
+export async function deleteUserConnections(db: Queryable, userId: string): Promise<ConnectionRow[]> {
   const result = await db.query<ConnectionRow>(`delete from connections where user_id = $1::text returning ${rowColumns}`, [userId]);
   return result.rows.sort((a, b) => a.integration.localeCompare(b.integration));
-}
-
-/** Deletes every connection of a user; returns how many. */
-export async function deleteUserConnections(db: Queryable, userId: string): Promise<number> {
-  const result = await db.query("delete from connections where user_id = $1::text", [userId]);
-  return result.rowCount ?? 0;
 }
 
 /** A user's connections, metadata only, ordered by integration. */
@@ -278,6 +264,17 @@ export type SealedRow = Pick<
   ConnectionRow,
   "id" | "user_id" | "integration" | "key_id" | "access_token_sealed" | "refresh_token_sealed" | "id_token_sealed" | "extras_sealed"
 >;
+
+/** A row's sealed columns as the crypto layer takes them. */
+export function sealedSecretsOf(row: SealedRow): SealedSecrets {
+  return {
+    keyId: row.key_id,
+    accessToken: row.access_token_sealed,
+    refreshToken: row.refresh_token_sealed,
+    idToken: row.id_token_sealed,
+    extras: row.extras_sealed,
+  };
+}
 
 /**
  * Locks up to `limit` rows not sealed under `currentKeyId`, skipping rows
