@@ -7,6 +7,7 @@
 import { providerSettingsFromEnv, type ProviderSettings } from "./providers/catalogue.js";
 import type { RefreshSettings } from "./refresh/refresher.js";
 import path from "node:path";
+import type { TicketKeySource } from "./sidecar/tickets.js";
 
 /** A configuration problem; its message names the setting and what to do. */
 export class ConfigError extends Error {
@@ -200,6 +201,125 @@ export function loadConfig(env: Env = process.env): Config {
       backoffMaxMs: integer(env, "TOKENVAULT_REFRESH_BACKOFF_MAX_MS", defaultRefreshSettings.backoffMaxMs, 10, 86_400_000),
     }),
     audit,
+  });
+}
+
+/** Where the sidecar's caller secret comes from. */
+export type SecretSource =
+  | { kind: "env"; value: string }
+  | { kind: "file"; path: string }
+  /** Not configured: the development sidecar caller's secret, which `serve` on the embedded database writes. */
+  | { kind: "development"; path: string };
+
+/** The OAuth sidecar's settings (`tokenvault sidecar`, `tokenvault tickets`). */
+export interface SidecarConfig {
+  readonly production: boolean;
+  readonly dataDir: string;
+  readonly logLevel: LogLevel;
+  readonly host: string;
+  readonly port: number;
+  /** The origin browsers and providers reach the sidecar at; undefined: http://localhost:<bound port>. */
+  readonly publicUrl: URL | undefined;
+  /** Whether cookies are marked Secure: always, unless the public URL is plain http on a loopback name. */
+  readonly secureCookies: boolean;
+  readonly tls: { readonly certFile: string; readonly keyFile: string } | undefined;
+  /** The vault's gRPC address. */
+  readonly vaultUrl: string;
+  readonly vaultCaFile: string | undefined;
+  readonly callerSecret: SecretSource;
+  readonly ticketKeys: TicketKeySource;
+  /** Where browsers may be sent back to (see src/sidecar/return-urls.ts); empty means not configured. */
+  readonly returnUrls: readonly string[];
+  readonly trustedProxies: number;
+  readonly providerTimeoutMs: number;
+  readonly vaultTimeoutMs: number;
+  readonly providersFile: string | undefined;
+  readonly providerSettings: (provider: string) => ProviderSettings;
+  readonly shutdownGraceMs: number;
+}
+
+/**
+ * Reads the sidecar's configuration from `env`. It shares the provider
+ * settings with the vault but nothing about the database or encryption keys:
+ * the sidecar has neither.
+ * @throws ConfigError naming the first invalid setting.
+ */
+export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
+  const production = env.NODE_ENV === "production";
+  const dataDir = path.resolve(nonEmpty(env, "TOKENVAULT_DATA_DIR") ?? ".tokenvault");
+  const logLevel = (nonEmpty(env, "TOKENVAULT_LOG_LEVEL") ?? "info") as LogLevel;
+  if (!logLevels.includes(logLevel)) throw new ConfigError(`TOKENVAULT_LOG_LEVEL must be one of ${logLevels.join(", ")}`);
+
+  const port = integer(env, "TOKENVAULT_SIDECAR_PORT", 8080, 0, 65535);
+  const publicRaw = nonEmpty(env, "TOKENVAULT_SIDECAR_PUBLIC_URL");
+  let publicUrl: URL | undefined;
+  if (publicRaw !== undefined) {
+    try {
+      publicUrl = new URL(publicRaw);
+    } catch {
+      throw new ConfigError(`TOKENVAULT_SIDECAR_PUBLIC_URL is not a URL: expected https://connect.example.com`);
+    }
+    if (publicUrl.pathname !== "/" || publicUrl.search !== "" || publicUrl.hash !== "" || publicUrl.username !== "") {
+      throw new ConfigError("TOKENVAULT_SIDECAR_PUBLIC_URL must be an origin only (scheme, host, port), e.g. https://connect.example.com");
+    }
+  } else if (production) {
+    throw new ConfigError("TOKENVAULT_SIDECAR_PUBLIC_URL is required when NODE_ENV=production (the https origin providers redirect back to)");
+  }
+  const loopback = publicUrl === undefined || ["localhost", "127.0.0.1", "[::1]"].includes(publicUrl.hostname);
+  if (publicUrl !== undefined && publicUrl.protocol !== "https:" && !(publicUrl.protocol === "http:" && loopback)) {
+    throw new ConfigError("TOKENVAULT_SIDECAR_PUBLIC_URL must be https (plain http only on localhost, for development)");
+  }
+
+  const certFile = nonEmpty(env, "TOKENVAULT_SIDECAR_TLS_CERT_FILE");
+  const keyFile = nonEmpty(env, "TOKENVAULT_SIDECAR_TLS_KEY_FILE");
+  if ((certFile === undefined) !== (keyFile === undefined)) {
+    throw new ConfigError("set both TOKENVAULT_SIDECAR_TLS_CERT_FILE and TOKENVAULT_SIDECAR_TLS_KEY_FILE, or neither");
+  }
+
+  const vaultUrl = nonEmpty(env, "TOKENVAULT_URL") ?? "http://127.0.0.1:50051";
+  if (!/^https?:\/\/[^/]+\/?$/.test(vaultUrl)) throw new ConfigError("TOKENVAULT_URL must be http://host:port or https://host:port");
+
+  const devOnly = (what: string) =>
+    new ConfigError(`${what} is required when NODE_ENV=production`);
+  const secretValue = nonEmpty(env, "TOKENVAULT_CALLER_SECRET");
+  const secretFile = nonEmpty(env, "TOKENVAULT_CALLER_SECRET_FILE");
+  if (secretValue !== undefined && secretFile !== undefined) throw new ConfigError("set TOKENVAULT_CALLER_SECRET or TOKENVAULT_CALLER_SECRET_FILE, not both");
+  let callerSecret: SecretSource;
+  if (secretValue !== undefined) callerSecret = { kind: "env", value: secretValue };
+  else if (secretFile !== undefined) callerSecret = { kind: "file", path: path.resolve(secretFile) };
+  else if (production) throw devOnly("TOKENVAULT_CALLER_SECRET or TOKENVAULT_CALLER_SECRET_FILE (a caller allowed only Store)");
+  else callerSecret = { kind: "development", path: path.join(dataDir, "dev-sidecar-secret") };
+
+  const ticketValue = nonEmpty(env, "TOKENVAULT_TICKET_KEYS");
+  const ticketFile = nonEmpty(env, "TOKENVAULT_TICKET_KEYS_FILE");
+  if (ticketValue !== undefined && ticketFile !== undefined) throw new ConfigError("set TOKENVAULT_TICKET_KEYS or TOKENVAULT_TICKET_KEYS_FILE, not both");
+  let ticketKeys: TicketKeySource;
+  if (ticketValue !== undefined) ticketKeys = { kind: "env", value: ticketValue };
+  else if (ticketFile !== undefined) ticketKeys = { kind: "file", path: path.resolve(ticketFile) };
+  else if (production) throw devOnly("TOKENVAULT_TICKET_KEYS or TOKENVAULT_TICKET_KEYS_FILE (make one with `tokenvault tickets generate-key`)");
+  else ticketKeys = { kind: "development", path: path.join(dataDir, "dev-ticket-keys") };
+
+  const providersFile = nonEmpty(env, "TOKENVAULT_PROVIDERS_FILE");
+  return Object.freeze({
+    production,
+    dataDir,
+    logLevel,
+    host: nonEmpty(env, "TOKENVAULT_SIDECAR_HOST") ?? "127.0.0.1",
+    port,
+    publicUrl,
+    secureCookies: !loopback,
+    tls: certFile !== undefined && keyFile !== undefined ? Object.freeze({ certFile: path.resolve(certFile), keyFile: path.resolve(keyFile) }) : undefined,
+    vaultUrl: vaultUrl.replace(/\/$/, ""),
+    vaultCaFile: nonEmpty(env, "TOKENVAULT_VAULT_CA_FILE") === undefined ? undefined : path.resolve(nonEmpty(env, "TOKENVAULT_VAULT_CA_FILE")!),
+    callerSecret: Object.freeze(callerSecret),
+    ticketKeys: Object.freeze(ticketKeys),
+    returnUrls: Object.freeze((nonEmpty(env, "TOKENVAULT_SIDECAR_RETURN_URLS") ?? "").split(",").map((u) => u.trim()).filter(Boolean)),
+    trustedProxies: integer(env, "TOKENVAULT_SIDECAR_TRUSTED_PROXIES", 0, 0, 10),
+    providerTimeoutMs: integer(env, "TOKENVAULT_SIDECAR_PROVIDER_TIMEOUT_MS", 10_000, 100, 120_000),
+    vaultTimeoutMs: integer(env, "TOKENVAULT_SIDECAR_VAULT_TIMEOUT_MS", 10_000, 100, 120_000),
+    providersFile: providersFile === undefined ? undefined : path.resolve(providersFile),
+    providerSettings: providerSettingsFromEnv({ ...env }),
+    shutdownGraceMs: integer(env, "TOKENVAULT_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000),
   });
 }
 

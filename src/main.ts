@@ -4,7 +4,7 @@
  * run the command. Invalid configuration or usage exits non-zero with one line.
  */
 import { parseArgs } from "node:util";
-import { ConfigError, loadConfig } from "./config.js";
+import { ConfigError, loadConfig, loadSidecarConfig } from "./config.js";
 import { KeyRingError } from "./crypto/key-ring.js";
 import { KeyMismatchError } from "./keys/verify.js";
 import { CallerAdminError } from "./auth/caller-admin.js";
@@ -15,6 +15,9 @@ import { auditCommand } from "./cli/audit.js";
 import { generateKeyCommand, keysCommand } from "./cli/keys.js";
 import { migrateCommand, UsageError } from "./cli/migrate.js";
 import { serve } from "./cli/serve.js";
+import { sidecarCommand } from "./cli/sidecar.js";
+import { ticketsCommand } from "./cli/tickets.js";
+import { TicketKeyError } from "./sidecar/tickets.js";
 
 const usage = `usage: tokenvault <command>
 
@@ -37,6 +40,11 @@ const usage = `usage: tokenvault <command>
   audit tail [--follow] [--after CURSOR] [--user ID] [--integration NAME] [--caller NAME]
              [--action A,B] [--since DATE] [--until DATE] [--url URL] [--secret-file FILE]
                              print audit events as JSON lines through the StreamAudit API
+  sidecar                    run the OAuth sidecar (connect and callback pages for browsers)
+  tickets mint --user ID --integration NAME --return-url URL [--ttl SECONDS] [--link]
+                             mint a connect ticket as an app backend does (--link: the whole /connect URL)
+  tickets generate-key [--id ID]
+                             make a ticket key for TOKENVAULT_TICKET_KEYS
 
 Configuration comes from the environment: see README.md.`;
 
@@ -66,6 +74,9 @@ async function main(argv: string[]): Promise<number> {
       until: { type: "string" },
       url: { type: "string" },
       "secret-file": { type: "string" },
+      "return-url": { type: "string" },
+      ttl: { type: "string" },
+      link: { type: "boolean" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -76,6 +87,22 @@ async function main(argv: string[]): Promise<number> {
   }
   if (command === "keys" && action === "generate") {
     generateKeyCommand({ id: values.id, prepend: values.prepend });
+    return 0;
+  }
+  if (command === "sidecar" || command === "tickets") {
+    // The sidecar's own settings: it has no database and no encryption key.
+    const sidecarConfig = loadSidecarConfig();
+    if (command === "sidecar") await sidecarCommand(sidecarConfig, createLogger(sidecarConfig.logLevel));
+    else {
+      await ticketsCommand(sidecarConfig, action ?? "", {
+        user: values.user,
+        integration: values.integration,
+        returnUrl: values["return-url"],
+        ttl: positiveInt(values.ttl, "--ttl"),
+        link: values.link,
+        id: values.id,
+      });
+    }
     return 0;
   }
   const config = loadConfig();
@@ -136,7 +163,7 @@ main(process.argv.slice(2)).then(
       console.error(`tokenvault: ${(err as Error).message}\n\n${usage}`);
       process.exit(2);
     }
-    if (err instanceof ConfigError || err instanceof KeyRingError || err instanceof KeyMismatchError || err instanceof CallerAdminError || err instanceof CatalogueError) {
+    if (err instanceof ConfigError || err instanceof KeyRingError || err instanceof KeyMismatchError || err instanceof CallerAdminError || err instanceof CatalogueError || err instanceof TicketKeyError) {
       console.error(`tokenvault: ${err.message}`);
       process.exit(1);
     }

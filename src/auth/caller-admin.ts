@@ -198,30 +198,39 @@ export function readCallersFile(filePath: string): CallersFile {
   return parsed as CallersFile;
 }
 
-/** The development caller's name and where its secret is kept. */
+/** The development caller's name. */
 export const devCallerName = "dev";
+/** The development sidecar's caller: Store only, like a production sidecar's. */
+export const devSidecarCallerName = "dev-sidecar";
 
 /**
  * Development default (embedded database only): makes sure a `dev` caller with
- * every permission exists and that its secret is in `dataDir/dev-caller-secret`
- * (mode 0600). Returns the secret when it was just made (to show once).
+ * every permission and a `dev-sidecar` caller allowed only Store exist, with
+ * their secrets in `dataDir/dev-caller-secret` and `dataDir/dev-sidecar-secret`
+ * (mode 0600). Returns the dev secret when it was just made (to show once).
  */
 export async function ensureDevCaller(pool: Pool, dataDir: string): Promise<{ secretFile: string; newSecret: string | undefined }> {
+  await ensureCallerWithSecretFile(pool, devSidecarCallerName, { allow: ["Store"], integrations: ["*"] }, path.join(dataDir, "dev-sidecar-secret"));
+  // Keep "every permission" true as RPCs are added.
   const secretFile = path.join(dataDir, "dev-caller-secret");
-  const existing = await selectCallerByName(pool, devCallerName);
-  const spec: PolicySpec = { allow: rpcNames, integrations: ["*"], refreshTokens: true };
+  const newSecret = await ensureCallerWithSecretFile(pool, devCallerName, { allow: rpcNames, integrations: ["*"], refreshTokens: true }, secretFile);
+  return { secretFile, newSecret };
+}
+
+/** Gives caller `name` the policy `spec` and a usable secret in `secretFile`; returns the secret when it is new. */
+async function ensureCallerWithSecretFile(pool: Pool, name: string, spec: PolicySpec, secretFile: string): Promise<string | undefined> {
+  const existing = await selectCallerByName(pool, name);
   if (existing !== undefined && existing.revoked_at === null && existsSync(secretFile)) {
-    // Keep "every permission" true as RPCs are added.
-    await updateCallerPolicy(pool, devCallerName, policyColumns(spec));
-    return { secretFile, newSecret: undefined };
+    await updateCallerPolicy(pool, name, policyColumns(spec));
+    return undefined;
   }
   let secret: string;
   if (existing === undefined) {
-    secret = (await addCaller(pool, devCallerName, spec)).secret;
+    secret = (await addCaller(pool, name, spec)).secret;
   } else {
-    await updateCallerPolicy(pool, devCallerName, policyColumns(spec));
-    secret = await rotateCallerSecret(pool, devCallerName);
+    await updateCallerPolicy(pool, name, policyColumns(spec));
+    secret = await rotateCallerSecret(pool, name);
   }
   writeFileSync(secretFile, secret + "\n", { mode: 0o600 });
-  return { secretFile, newSecret: secret };
+  return secret;
 }

@@ -1,7 +1,8 @@
 /**
- * Calls a provider's token endpoint (refresh_token grant, RFC 6749 §6) and
+ * Calls a provider's token endpoint (authorization_code grant with PKCE,
+ * RFC 6749 §4.1.3 and RFC 7636; refresh_token grant, RFC 6749 §6) and
  * revocation endpoint (RFC 7009), and sorts every answer into the few kinds
- * the vault acts on. Tokens never appear in what it returns besides the token
+ * the vault and the sidecar act on. Tokens never appear in what it returns besides the token
  * set itself: reasons are the provider's error codes and HTTP statuses.
  */
 import type { ResolvedProvider } from "./catalogue.js";
@@ -19,10 +20,15 @@ export interface ProviderTokens {
   /** Granted scopes, when given. */
   scopes: string[] | undefined;
   idToken: string | undefined;
+  /** The answer's other fields (Slack's "team", Salesforce's "instance_url" ...). */
+  extras: Record<string, unknown>;
 }
 
-/** What a refresh attempt came to. */
-export type RefreshResult =
+/** The token response fields {@link ProviderTokens} names; the rest are extras. */
+const knownFields = new Set(["access_token", "refresh_token", "token_type", "expires_in", "refresh_token_expires_in", "scope", "id_token"]);
+
+/** What a token request (refresh or code exchange) came to. */
+export type TokenResult =
   | { kind: "ok"; tokens: ProviderTokens }
   /** The refresh token is dead (revoked, expired, reused): the user must consent again. */
   | { kind: "invalid_grant"; error: string }
@@ -54,11 +60,36 @@ function authenticate(provider: ResolvedProvider, body: URLSearchParams, headers
 }
 
 /** Exchanges a refresh token for new tokens. `signal` bounds the call (deadline and timeout). */
-export async function refreshTokens(provider: ResolvedProvider, refreshToken: string, scopes: readonly string[], signal: AbortSignal): Promise<RefreshResult> {
+export async function refreshTokens(provider: ResolvedProvider, refreshToken: string, scopes: readonly string[], signal: AbortSignal): Promise<TokenResult> {
   const body = new URLSearchParams({ grant_type: "refresh_token", refresh_token: refreshToken });
   // The required scopes too: a provider's answer may leave offline_access out of the stored scopes.
   const scope = [...new Set([...scopes, ...provider.requiredScopes])];
   if (provider.refreshSendsScope && scope.length > 0) body.set("scope", scope.join(provider.scopeSeparator));
+  return requestTokens(provider, body, signal);
+}
+
+/** What the browser brought back to the callback, for {@link exchangeCode}. */
+export interface AuthorizationCodeGrant {
+  code: string;
+  /** The redirect_uri sent in the authorization request (RFC 6749 §4.1.3: must be repeated). */
+  redirectUri: string;
+  /** The PKCE code_verifier, when the authorization request carried a challenge. */
+  codeVerifier: string | undefined;
+}
+
+/**
+ * Exchanges an authorization code for tokens. The answer is sorted as a
+ * refresh's is: "invalid_grant" here means the code was refused (expired,
+ * used, or the verifier does not match).
+ */
+export async function exchangeCode(provider: ResolvedProvider, grant: AuthorizationCodeGrant, signal: AbortSignal): Promise<TokenResult> {
+  const body = new URLSearchParams({ grant_type: "authorization_code", code: grant.code, redirect_uri: grant.redirectUri });
+  if (grant.codeVerifier !== undefined) body.set("code_verifier", grant.codeVerifier);
+  return requestTokens(provider, body, signal);
+}
+
+/** POSTs a token request with the client's authentication and sorts the answer. */
+async function requestTokens(provider: ResolvedProvider, body: URLSearchParams, signal: AbortSignal): Promise<TokenResult> {
   const headers: Record<string, string> = { "content-type": "application/x-www-form-urlencoded", accept: "application/json" };
   authenticate(provider, body, headers);
 
@@ -100,6 +131,8 @@ export async function refreshTokens(provider: ResolvedProvider, refreshToken: st
     return typeof n === "number" && Number.isFinite(n) && n > 0 && n <= maxLifetimeSeconds ? Math.floor(n) : undefined;
   };
   const refresh = json.refresh_token;
+  const extras: Record<string, unknown> = {};
+  for (const [field, value] of Object.entries(json)) if (!knownFields.has(field)) extras[field] = value;
   return {
     kind: "ok",
     tokens: {
@@ -110,6 +143,7 @@ export async function refreshTokens(provider: ResolvedProvider, refreshToken: st
       refreshTokenExpiresIn: seconds(json.refresh_token_expires_in),
       scopes: typeof json.scope === "string" ? json.scope.split(/[ ,]+/).filter(Boolean) : undefined,
       idToken: typeof json.id_token === "string" ? json.id_token : undefined,
+      extras,
     },
   };
 }
