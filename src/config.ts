@@ -7,7 +7,6 @@
 import { providerSettingsFromEnv, type ProviderSettings } from "./providers/catalogue.js";
 import type { RefreshSettings } from "./refresh/refresher.js";
 import path from "node:path";
-import type { TicketKeySource } from "./sidecar/tickets.js";
 
 /** A configuration problem; its message names the setting and what to do. */
 export class ConfigError extends Error {
@@ -204,11 +203,11 @@ export function loadConfig(env: Env = process.env): Config {
   });
 }
 
-/** Where the sidecar's caller secret comes from. */
+/** Where a secret setting comes from (the sidecar's caller secret, the ticket keys). */
 export type SecretSource =
   | { kind: "env"; value: string }
   | { kind: "file"; path: string }
-  /** Not configured: the development sidecar caller's secret, which `serve` on the embedded database writes. */
+  /** Not configured: a file in the data folder (for the caller secret, `serve` on the embedded database writes it). */
   | { kind: "development"; path: string };
 
 /** The OAuth sidecar's settings (`tokenvault sidecar`, `tokenvault tickets`). */
@@ -227,7 +226,7 @@ export interface SidecarConfig {
   readonly vaultUrl: string;
   readonly vaultCaFile: string | undefined;
   readonly callerSecret: SecretSource;
-  readonly ticketKeys: TicketKeySource;
+  readonly ticketKeys: SecretSource;
   /** Where browsers may be sent back to (see src/sidecar/return-urls.ts); empty means not configured. */
   readonly returnUrls: readonly string[];
   readonly trustedProxies: number;
@@ -279,25 +278,8 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
   const vaultUrl = nonEmpty(env, "TOKENVAULT_URL") ?? "http://127.0.0.1:50051";
   if (!/^https?:\/\/[^/]+\/?$/.test(vaultUrl)) throw new ConfigError("TOKENVAULT_URL must be http://host:port or https://host:port");
 
-  const devOnly = (what: string) =>
-    new ConfigError(`${what} is required when NODE_ENV=production`);
-  const secretValue = nonEmpty(env, "TOKENVAULT_CALLER_SECRET");
-  const secretFile = nonEmpty(env, "TOKENVAULT_CALLER_SECRET_FILE");
-  if (secretValue !== undefined && secretFile !== undefined) throw new ConfigError("set TOKENVAULT_CALLER_SECRET or TOKENVAULT_CALLER_SECRET_FILE, not both");
-  let callerSecret: SecretSource;
-  if (secretValue !== undefined) callerSecret = { kind: "env", value: secretValue };
-  else if (secretFile !== undefined) callerSecret = { kind: "file", path: path.resolve(secretFile) };
-  else if (production) throw devOnly("TOKENVAULT_CALLER_SECRET or TOKENVAULT_CALLER_SECRET_FILE (a caller allowed only Store)");
-  else callerSecret = { kind: "development", path: path.join(dataDir, "dev-sidecar-secret") };
-
-  const ticketValue = nonEmpty(env, "TOKENVAULT_TICKET_KEYS");
-  const ticketFile = nonEmpty(env, "TOKENVAULT_TICKET_KEYS_FILE");
-  if (ticketValue !== undefined && ticketFile !== undefined) throw new ConfigError("set TOKENVAULT_TICKET_KEYS or TOKENVAULT_TICKET_KEYS_FILE, not both");
-  let ticketKeys: TicketKeySource;
-  if (ticketValue !== undefined) ticketKeys = { kind: "env", value: ticketValue };
-  else if (ticketFile !== undefined) ticketKeys = { kind: "file", path: path.resolve(ticketFile) };
-  else if (production) throw devOnly("TOKENVAULT_TICKET_KEYS or TOKENVAULT_TICKET_KEYS_FILE (make one with `tokenvault tickets generate-key`)");
-  else ticketKeys = { kind: "development", path: path.join(dataDir, "dev-ticket-keys") };
+  const callerSecret = valueOrFile(env, "TOKENVAULT_CALLER_SECRET", production ? undefined : path.join(dataDir, "dev-sidecar-secret"), "a caller allowed only Store");
+  const ticketKeys = valueOrFile(env, "TOKENVAULT_TICKET_KEYS", production ? undefined : path.join(dataDir, "dev-ticket-keys"), "make one with `tokenvault tickets generate-key`");
 
   const providersFile = nonEmpty(env, "TOKENVAULT_PROVIDERS_FILE");
   return Object.freeze({
@@ -321,6 +303,20 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
     providerSettings: providerSettingsFromEnv({ ...env }),
     shutdownGraceMs: integer(env, "TOKENVAULT_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000),
   });
+}
+
+/**
+ * A secret given as `NAME` (the value) or `NAME_FILE` (a path), not both;
+ * else the development file, or a ConfigError when there is none (production).
+ */
+function valueOrFile(env: Env, name: string, developmentPath: string | undefined, hint: string): SecretSource {
+  const value = nonEmpty(env, name);
+  const file = nonEmpty(env, `${name}_FILE`);
+  if (value !== undefined && file !== undefined) throw new ConfigError(`set ${name} or ${name}_FILE, not both`);
+  if (value !== undefined) return { kind: "env", value };
+  if (file !== undefined) return { kind: "file", path: path.resolve(file) };
+  if (developmentPath === undefined) throw new ConfigError(`${name} or ${name}_FILE is required when NODE_ENV=production (${hint})`);
+  return { kind: "development", path: developmentPath };
 }
 
 function nonEmpty(env: Env, name: string): string | undefined {

@@ -15,6 +15,7 @@
 import { hkdfSync, randomBytes } from "node:crypto";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { SignJWT, errors as joseErrors, jwtVerify, type JWTPayload } from "jose";
+import type { SecretSource } from "../config.js";
 
 /** The audience every ticket must name. */
 export const ticketAudience = "tokenvault-sidecar";
@@ -57,15 +58,8 @@ export function parseTicketKeys(text: string, origin: string): TicketKeys {
   return { signing: keys[0]!, byId: (id) => map.get(id), all: keys };
 }
 
-/** Where the ticket keys come from. */
-export type TicketKeySource =
-  | { kind: "env"; value: string }
-  | { kind: "file"; path: string }
-  /** Not configured: a development key in the data folder, made on first use. */
-  | { kind: "development"; path: string };
-
-/** Loads the ticket keys, creating the development key file when that is the source and it is missing. */
-export function loadTicketKeys(source: TicketKeySource): TicketKeys {
+/** Loads the ticket keys, creating the development key file (on first use) when that is the source and it is missing. */
+export function loadTicketKeys(source: SecretSource): TicketKeys {
   switch (source.kind) {
     case "env":
       return parseTicketKeys(source.value, "TOKENVAULT_TICKET_KEYS");
