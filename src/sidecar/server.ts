@@ -258,7 +258,7 @@ export function createSidecar(options: SidecarOptions): Sidecar {
           userId: flow.userId,
           integration: integration.name,
           tokenSet: tokenSet(exchanged.tokens, integration),
-          metadata: { ipAddress: clientAddress(req), userAgent: (req.headers["user-agent"] ?? "").slice(0, 512) },
+          metadata: { ipAddress: clientAddress(req), userAgent: printableUserAgent(req.headers["user-agent"]) },
         },
         options.vaultTimeoutMs,
       );
@@ -342,8 +342,17 @@ function tokenSet(tokens: ProviderTokens, integration: ResolvedIntegration) {
     scopes: tokens.scopes ?? requested,
     expiry: tokens.expiresIn === undefined ? { case: undefined } : { case: "expiresIn" as const, value: { seconds: BigInt(tokens.expiresIn) } },
     idToken: tokens.idToken,
+    refreshTokenExpiresIn: tokens.refreshToken === undefined || tokens.refreshTokenExpiresIn === undefined ? undefined : { seconds: BigInt(tokens.refreshTokenExpiresIn) },
     extras: tokens.extras as never,
   };
+}
+
+/**
+ * The User-Agent as the vault accepts it (at most 512 characters, no control
+ * characters): it is informational, so a tab or a stray byte must not fail the connect.
+ */
+function printableUserAgent(value: string | undefined): string {
+  return (value ?? "").replace(/[\u0000-\u001f\u007f-\u009f]/g, " ").slice(0, 512);
 }
 
 function decodeSegment(segment: string): string {

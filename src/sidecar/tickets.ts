@@ -163,15 +163,19 @@ export async function verifyConnectTicket(keys: TicketKeys, ticket: string, now:
     if (err instanceof joseErrors.JWTClaimValidationFailed) throw new TicketError(`the ticket's "${err.claim}" claim is not valid`);
     throw new TicketError("the ticket is not a valid signed JWT");
   }
-  const { sub, exp, iat, jti } = payload as Required<Pick<JWTPayload, "sub" | "exp" | "iat" | "jti">>;
+  const { sub, exp, iat, jti } = payload;
+  // jose checks that these are present, not their types.
+  if (typeof sub !== "string" || sub === "") throw new TicketError('the ticket\'s "sub" claim must be a non-empty string');
+  if (typeof jti !== "string") throw new TicketError('the ticket\'s "jti" claim must be a string');
+  if (typeof exp !== "number" || typeof iat !== "number") throw new TicketError('the ticket\'s "iat" and "exp" claims must be numbers');
   if (exp - iat > maxTicketLifetimeSeconds) throw new TicketError(`the ticket lives longer than ${maxTicketLifetimeSeconds} seconds`);
   if (iat > now.getTime() / 1000 + clockToleranceSeconds) throw new TicketError("the ticket is issued in the future");
-  if (jti.length < 16) throw new TicketError("the ticket's nonce (jti) is too short");
+  // 16 random bytes are 22 base64url characters.
+  if (jti.length < 22) throw new TicketError("the ticket's nonce (jti) is shorter than 16 random bytes (22 base64url characters)");
   const integration = payload.integration;
   const returnUrl = payload.return_url;
   if (typeof integration !== "string" || integration === "") throw new TicketError('the ticket has no "integration" claim');
   if (typeof returnUrl !== "string" || returnUrl === "") throw new TicketError('the ticket has no "return_url" claim');
-  if (sub === "") throw new TicketError('the ticket has an empty "sub" claim');
   return { userId: sub, integration, returnUrl, expiresAt: exp, nonce: jti };
 }
 

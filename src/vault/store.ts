@@ -28,6 +28,7 @@ export async function store(deps: VaultDeps, req: StoreRequest): Promise<StoreRe
     tokenType: tokenSet.tokenType,
     scopes: tokenSet.scopes,
     expiresAt: tokenSet.expiresAt,
+    refreshTokenExpiresAt: tokenSet.refreshTokenExpiresAt,
     ipAddress: consent.ipAddress,
     userAgent: consent.userAgent,
   });

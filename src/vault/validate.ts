@@ -61,6 +61,8 @@ export interface ValidTokenSet {
   tokenType: string;
   scopes: string[];
   expiresAt: Date | null;
+  /** When the refresh token dies, when the provider said. */
+  refreshTokenExpiresAt: Date | null;
   /** Provider extras as JSON text, or undefined when there are none. */
   extrasJson: string | undefined;
 }
@@ -92,14 +94,13 @@ export function validateTokenSet(tokenSet: TokenSet | undefined, now: Date): Val
   if (tokenSet.expiry.case === "expiresAt") {
     expiresAt = timestampToDate(tokenSet.expiry.value, "token_set.expires_at");
   } else if (tokenSet.expiry.case === "expiresIn") {
-    const seconds = durationSeconds(tokenSet.expiry.value, "token_set.expires_in");
-    // Compare whole seconds and nanos: floating point would let 10 years + 1 ns through.
-    const whole = Number(tokenSet.expiry.value.seconds);
-    const tooLong = whole > limits.maxExpiresInSeconds || (whole === limits.maxExpiresInSeconds && tokenSet.expiry.value.nanos > 0);
-    if (seconds <= 0 || tooLong) {
-      throw invalidField("token_set.expires_in", "must be positive and at most 10 years");
-    }
-    expiresAt = new Date(now.getTime() + Math.round(seconds * 1000));
+    expiresAt = new Date(now.getTime() + Math.round(lifetimeSeconds(tokenSet.expiry.value, "token_set.expires_in") * 1000));
+  }
+
+  let refreshTokenExpiresAt: Date | null = null;
+  if (tokenSet.refreshTokenExpiresIn !== undefined) {
+    if (refreshToken === undefined) throw invalidField("token_set.refresh_token_expires_in", "needs token_set.refresh_token");
+    refreshTokenExpiresAt = new Date(now.getTime() + Math.round(lifetimeSeconds(tokenSet.refreshTokenExpiresIn, "token_set.refresh_token_expires_in") * 1000));
   }
 
   let extrasJson: string | undefined;
@@ -110,7 +111,17 @@ export function validateTokenSet(tokenSet: TokenSet | undefined, now: Date): Val
       throw invalidField("token_set.extras", `must be at most ${limits.extrasJsonBytes} bytes as JSON`);
     }
   }
-  return { accessToken, refreshToken, idToken, tokenType, scopes, expiresAt, extrasJson };
+  return { accessToken, refreshToken, idToken, tokenType, scopes, expiresAt, refreshTokenExpiresAt, extrasJson };
+}
+
+/** A token lifetime in seconds: positive and at most 10 years. */
+function lifetimeSeconds(value: Duration, field: string): number {
+  const seconds = durationSeconds(value, field);
+  // Compare whole seconds and nanos: floating point would let 10 years + 1 ns through.
+  const whole = Number(value.seconds);
+  const tooLong = whole > limits.maxExpiresInSeconds || (whole === limits.maxExpiresInSeconds && value.nanos > 0);
+  if (seconds <= 0 || tooLong) throw invalidField(field, "must be positive and at most 10 years");
+  return seconds;
 }
 
 /** A validated consent metadata. */

@@ -12,6 +12,11 @@
  * two providers get the answers meant for them). With nothing scripted, the
  * token side answers 500 with error "unscripted" (and counts it, so a test can
  * prove nothing unexpected called) and the revoke side answers 200.
+ *
+ * For the sidecar's code exchange (authorization_code grant) the same queue
+ * answers: script a reply, then read the recorded form (code, code_verifier,
+ * redirect_uri) with codeRequests() and the client's authentication with
+ * {@link clientAuth}.
  */
 import http from "node:http";
 import type { AddressInfo, Socket } from "node:net";
@@ -113,6 +118,8 @@ export interface TokenEndpoint {
   revokeRequests(): RecordedRequest[];
   /** Requests that found their queue empty on the token side. */
   unscripted(): RecordedRequest[];
+  /** Token requests of the authorization_code grant (the sidecar's code exchanges), oldest first. */
+  codeRequests(): RecordedRequest[];
   /** Appends replies to the token queue. */
   script(...replies: Reply[]): void;
   /** Appends a reply to the token queue for requests to `path` only (the path without query). */
@@ -219,6 +226,7 @@ export async function startTokenEndpoint(): Promise<TokenEndpoint> {
     tokenRequests: () => requests.filter((r) => r.queue === "token"),
     revokeRequests: () => requests.filter((r) => r.queue === "revoke"),
     unscripted: () => [...unscriptedRequests],
+    codeRequests: () => requests.filter((r) => r.queue === "token" && r.form.grant_type === "authorization_code"),
     script: (...replies) => {
       tokenQueue.push(...replies.map((r) => ({ reply: r })));
     },
@@ -251,4 +259,27 @@ export async function startTokenEndpoint(): Promise<TokenEndpoint> {
       await new Promise<void>((resolve) => server.close(() => resolve()));
     },
   };
+}
+
+/** How a recorded request authenticated the client (RFC 6749 §2.3.1). */
+export type ClientAuth =
+  | { method: "client_secret_basic"; clientId: string; clientSecret: string }
+  | { method: "client_secret_post"; clientId: string; clientSecret: string | undefined }
+  | { method: "none" };
+
+/**
+ * The client authentication a request carried: HTTP Basic (each part
+ * form-decoded, as RFC 6749 §2.3.1 has it encoded), else client_id (and
+ * client_secret) in the form body.
+ */
+export function clientAuth(request: RecordedRequest): ClientAuth {
+  const header = request.headers.authorization;
+  if (typeof header === "string" && /^basic /i.test(header)) {
+    const decoded = Buffer.from(header.slice(6).trim(), "base64").toString("utf8");
+    const colon = decoded.indexOf(":");
+    const formDecode = (s: string) => decodeURIComponent(s.replace(/\+/g, " "));
+    return { method: "client_secret_basic", clientId: formDecode(decoded.slice(0, colon)), clientSecret: formDecode(decoded.slice(colon + 1)) };
+  }
+  if (request.form.client_id !== undefined) return { method: "client_secret_post", clientId: request.form.client_id, clientSecret: request.form.client_secret };
+  return { method: "none" };
 }

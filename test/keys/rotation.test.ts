@@ -69,6 +69,7 @@ async function seed(db: TestDatabase, ring: KeyRing, userId: string, integration
     tokenType: "Bearer",
     scopes: [],
     expiresAt: null,
+    refreshTokenExpiresAt: null,
     ipAddress: null,
     userAgent: null,
   });

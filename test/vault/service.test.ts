@@ -99,6 +99,27 @@ describe.each(transports)("over %s", (transport) => {
     expect(timestampDate(outlook.lastUsedAt!).getTime()).toBe(timestampDate(got.connection!.lastUsedAt!).getTime());
   });
 
+  it("Store keeps the refresh token's lifetime when the provider gave one, and a later Store without it clears it", async () => {
+    const before = Date.now();
+    const res = await client().store({
+      userId: user,
+      integration: "outlook",
+      tokenSet: { accessToken: secretToken(), refreshToken: secretToken("refresh"), refreshTokenExpiresIn: durationFromMs(30 * 86_400_000) },
+    });
+    const at = timestampDate(res.connection!.refreshTokenExpiresAt!).getTime();
+    expect(at).toBeGreaterThanOrEqual(before + 30 * 86_400_000 - 1_000);
+    expect(at).toBeLessThanOrEqual(Date.now() + 30 * 86_400_000 + 1_000);
+    expect(res.connection!.refreshTokenExpiringSoon).toBe(false);
+    const soon = await client().store({
+      userId: user,
+      integration: "outlook",
+      tokenSet: { accessToken: secretToken(), refreshToken: secretToken("refresh"), refreshTokenExpiresIn: durationFromMs(86_400_000) },
+    });
+    expect(soon.connection!.refreshTokenExpiringSoon).toBe(true);
+    const cleared = await client().store({ userId: user, integration: "outlook", tokenSet: { accessToken: secretToken(), refreshToken: secretToken("refresh") } });
+    expect(cleared.connection!.refreshTokenExpiresAt).toBeUndefined();
+  });
+
   it("Store upserts: replaces tokens, keeps created_at, bumps the generation", async () => {
     const first = await client().store({ userId: user, integration: "hubspot", tokenSet: { accessToken: secretToken() } });
     const second = secretToken("second");

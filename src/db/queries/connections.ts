@@ -63,6 +63,7 @@ export interface UpsertConnection {
   tokenType: string;
   scopes: string[];
   expiresAt: Date | null;
+  refreshTokenExpiresAt: Date | null;
   ipAddress: string | null;
   userAgent: string | null;
 }
@@ -78,9 +79,9 @@ export async function upsertConnection(
 ): Promise<ConnectionMetadataRow & { created: boolean }> {
   const result = await db.query<ConnectionMetadataRow & { created: boolean }>(
     `insert into connections as c (user_id, integration, key_id, access_token_sealed, refresh_token_sealed,
-       id_token_sealed, extras_sealed, token_type, scopes, expires_at, ip_address, user_agent)
+       id_token_sealed, extras_sealed, token_type, scopes, expires_at, ip_address, user_agent, refresh_token_expires_at)
      values ($1::text, $2::text, $3::text, $4::bytea, $5::bytea, $6::bytea, $7::bytea, $8::text, $9::text[],
-       $10::timestamptz, $11::inet, $12::text)
+       $10::timestamptz, $11::inet, $12::text, $13::timestamptz)
      on conflict (user_id, integration) do update set
        key_id = excluded.key_id,
        access_token_sealed = excluded.access_token_sealed,
@@ -97,14 +98,14 @@ export async function upsertConnection(
        updated_at = now(),
        issued_at = now(),
        -- a new token set from a new consent: nothing about the old one holds
-       refresh_token_expires_at = null,
+       refresh_token_expires_at = excluded.refresh_token_expires_at,
        last_refreshed_at = null,
        refresh_failures = 0,
        refresh_retry_at = null
      returning ${metadataColumns}, (xmax = 0) as created`,
     [
       c.userId, c.integration, c.keyId, c.accessTokenSealed, c.refreshTokenSealed, c.idTokenSealed,
-      c.extrasSealed, c.tokenType, c.scopes, c.expiresAt, c.ipAddress, c.userAgent,
+      c.extrasSealed, c.tokenType, c.scopes, c.expiresAt, c.ipAddress, c.userAgent, c.refreshTokenExpiresAt,
     ],
   );
   return result.rows[0]!;
