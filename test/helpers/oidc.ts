@@ -18,6 +18,12 @@
  *   with the OIDC scopes `openid offline_access`, saved, then a RefreshToken
  *   bound to that grant, account and client, saved (the saved value is the
  *   opaque token string).
+ * - Optionally (`devInteractions`) the provider's own built-in login and
+ *   consent pages, so a real browser can sign in (any login and password) and
+ *   consent or cancel, and (`redirectUris`) the clients' redirect URIs; given
+ *   as a function, they are read each time the provider looks a client up, so
+ *   a URI known only later (a sidecar's callback on its listen(0) port) can be
+ *   registered after the provider started.
  * - A Koa middleware (provider.use) sees every token, revocation and
  *   introspection request with its answer (what the provider produced), so
  *   tests count calls exactly; it can also hold /token answers after the
@@ -63,6 +69,24 @@ async function loadProvider(): Promise<ProviderConstructor> {
   const name = "oidc-provider";
   const mod = (await import(name)) as { default: ProviderConstructor };
   return mod.default;
+}
+
+/** What oidc-provider asks of a storage adapter (one per model: "Client", "Session", "AccessToken" ...). */
+interface ProviderAdapter {
+  upsert(id: string, payload: Record<string, unknown>, expiresIn: number): Promise<void>;
+  find(id: string): Promise<Record<string, unknown> | undefined>;
+  findByUserCode(userCode: string): Promise<Record<string, unknown> | undefined>;
+  findByUid(uid: string): Promise<Record<string, unknown> | undefined>;
+  consume(id: string): Promise<void>;
+  destroy(id: string): Promise<void>;
+  revokeByGrantId(grantId: string): Promise<void>;
+}
+
+/** oidc-provider's own in-memory adapter (the default one), as a factory of per-model adapters over one store. */
+async function loadMemoryAdapter(): Promise<(model: string) => ProviderAdapter> {
+  const name = "oidc-provider/lib/adapters/memory_adapter.js";
+  const mod = (await import(name)) as { createMemoryAdapter(clockTolerance: number): (model: string) => ProviderAdapter };
+  return mod.createMemoryAdapter(0);
 }
 
 /** One confidential client of the provider. */
@@ -176,6 +200,21 @@ export interface OidcServer {
 export interface OidcOptions {
   /** Access token lifetime in seconds (default 600: shorter than Google's hour, longer than Get's default min_valid_for of 5 minutes). */
   accessTokenTtl?: number;
+  /**
+   * Serve oidc-provider's built-in login page (any login, any password) and
+   * consent page (Continue, or "[ Cancel ]": access_denied) at
+   * /interaction/:uid; default false (no interactive authorization).
+   */
+  devInteractions?: boolean;
+  /**
+   * The redirect URIs both clients register (oidc-provider accepts only an
+   * exact match); default the fixed https://vault.example.test/oauth/callback.
+   * A function is called each time the provider looks a client up (the
+   * clients then come from the provider's adapter instead of its static
+   * configuration), so it may name a URI known only after the provider
+   * started; it must return at least one URI by the time a client is used.
+   */
+  redirectUris?: readonly string[] | (() => readonly string[]);
 }
 
 /** Marks the requests the helper sends itself. */
@@ -183,6 +222,9 @@ const directHeader = "x-oidc-test-direct";
 
 /** The scopes minted refresh tokens carry: an OpenID grant with offline access. */
 export const defaultScope = "openid offline_access";
+
+/** The redirect URI the clients register unless told otherwise. */
+export const defaultRedirectUri = "https://vault.example.test/oauth/callback";
 
 /** Starts oidc-provider on 127.0.0.1 and a free port. */
 export async function startOidcProvider(options: OidcOptions = {}): Promise<OidcServer> {
@@ -196,16 +238,46 @@ export async function startOidcProvider(options: OidcOptions = {}): Promise<Oidc
   const basicClient: OidcClient = { clientId: "tokenvault-basic", clientSecret: randomBytes(32).toString("base64url"), method: "client_secret_basic" };
   const rsa = generateKeyPairSync("rsa", { modulusLength: 2048 }).privateKey.export({ format: "jwk" });
 
+  const redirectUris = options.redirectUris ?? [defaultRedirectUri];
+  const clientMetadata = (c: OidcClient, uris: readonly string[]) => ({
+    client_id: c.clientId,
+    client_secret: c.clientSecret,
+    token_endpoint_auth_method: c.method,
+    grant_types: ["authorization_code", "refresh_token"],
+    response_types: ["code"],
+    redirect_uris: [...uris],
+  });
+  // Static clients, or (redirect URIs given as a function) clients the provider
+  // finds through its adapter: oidc-provider looks a non-static client up with
+  // the "Client" adapter on every use and validates the metadata it gets
+  // (caching by content), so the URIs are read when needed. Every other model
+  // stays in oidc-provider's own in-memory adapter.
+  let clientConfiguration: Record<string, unknown>;
+  if (typeof redirectUris === "function") {
+    const memory = await loadMemoryAdapter();
+    const byId = new Map([postClient, basicClient].map((c) => [c.clientId, c]));
+    const clientAdapter: ProviderAdapter = {
+      find: async (id) => {
+        const c = byId.get(id);
+        return c === undefined ? undefined : clientMetadata(c, redirectUris());
+      },
+      upsert: async () => {
+        throw new Error("the test provider's clients are fixed");
+      },
+      destroy: async () => {},
+      consume: async () => {},
+      revokeByGrantId: async () => {},
+      findByUid: async () => undefined,
+      findByUserCode: async () => undefined,
+    };
+    clientConfiguration = { clients: [], adapter: (model: string) => (model === "Client" ? clientAdapter : memory(model)) };
+  } else {
+    clientConfiguration = { clients: [postClient, basicClient].map((c) => clientMetadata(c, redirectUris)) };
+  }
+
   const Provider = await loadProvider();
   const provider = new Provider(issuer, {
-    clients: [postClient, basicClient].map((c) => ({
-      client_id: c.clientId,
-      client_secret: c.clientSecret,
-      token_endpoint_auth_method: c.method,
-      grant_types: ["authorization_code", "refresh_token"],
-      response_types: ["code"],
-      redirect_uris: ["https://vault.example.test/oauth/callback"],
-    })),
+    ...clientConfiguration,
     // Every account exists; its only claim is sub.
     findAccount: (_ctx: unknown, sub: string) => ({ accountId: sub, claims: () => ({ sub }) }),
     scopes: ["openid", "offline_access"],
@@ -223,7 +295,7 @@ export async function startOidcProvider(options: OidcOptions = {}): Promise<Oidc
       Session: 3600,
     },
     features: {
-      devInteractions: { enabled: false },
+      devInteractions: { enabled: options.devInteractions ?? false },
       revocation: { enabled: true },
       introspection: { enabled: true },
     },
