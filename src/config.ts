@@ -258,7 +258,7 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
     } catch {
       throw new ConfigError(`TOKENVAULT_SIDECAR_PUBLIC_URL is not a URL: expected https://connect.example.com`);
     }
-    if (publicUrl.pathname !== "/" || publicUrl.search !== "" || publicUrl.hash !== "" || publicUrl.username !== "") {
+    if (publicUrl.pathname !== "/" || publicUrl.search !== "" || publicUrl.hash !== "" || publicUrl.username !== "" || publicUrl.password !== "") {
       throw new ConfigError("TOKENVAULT_SIDECAR_PUBLIC_URL must be an origin only (scheme, host, port), e.g. https://connect.example.com");
     }
   } else if (production) {
@@ -276,7 +276,7 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
   }
 
   const vaultUrl = nonEmpty(env, "TOKENVAULT_URL") ?? "http://127.0.0.1:50051";
-  if (!/^https?:\/\/[^/]+\/?$/.test(vaultUrl)) throw new ConfigError("TOKENVAULT_URL must be http://host:port or https://host:port");
+  if (!isOriginUrl(vaultUrl)) throw new ConfigError("TOKENVAULT_URL must be http://host:port or https://host:port");
 
   const callerSecret = valueOrFile(env, "TOKENVAULT_CALLER_SECRET", production ? undefined : path.join(dataDir, "dev-sidecar-secret"), "a caller allowed only Store");
   const ticketKeys = valueOrFile(env, "TOKENVAULT_TICKET_KEYS", production ? undefined : path.join(dataDir, "dev-ticket-keys"), "make one with `tokenvault tickets generate-key`");
@@ -289,7 +289,7 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
     host: nonEmpty(env, "TOKENVAULT_SIDECAR_HOST") ?? "127.0.0.1",
     port,
     publicUrl,
-    secureCookies: !loopback,
+    secureCookies: publicUrl !== undefined && !(publicUrl.protocol === "http:" && loopback),
     tls: certFile !== undefined && keyFile !== undefined ? Object.freeze({ certFile: path.resolve(certFile), keyFile: path.resolve(keyFile) }) : undefined,
     vaultUrl: vaultUrl.replace(/\/$/, ""),
     vaultCaFile: nonEmpty(env, "TOKENVAULT_VAULT_CA_FILE") === undefined ? undefined : path.resolve(nonEmpty(env, "TOKENVAULT_VAULT_CA_FILE")!),
@@ -303,6 +303,17 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
     providerSettings: providerSettingsFromEnv({ ...env }),
     shutdownGraceMs: integer(env, "TOKENVAULT_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000),
   });
+}
+
+/** Whether `value` is an http(s) origin: scheme, host and port only (no credentials, path or query). */
+function isOriginUrl(value: string): boolean {
+  if (/\s/.test(value)) return false;
+  try {
+    const url = new URL(value);
+    return (url.protocol === "http:" || url.protocol === "https:") && url.username === "" && url.password === "" && url.pathname === "/" && url.search === "" && url.hash === "" && !value.includes("?") && !value.includes("#");
+  } catch {
+    return false;
+  }
 }
 
 /**

@@ -16,7 +16,7 @@ import { generateKeyCommand, keysCommand } from "./cli/keys.js";
 import { migrateCommand, UsageError } from "./cli/migrate.js";
 import { serve } from "./cli/serve.js";
 import { sidecarCommand } from "./cli/sidecar.js";
-import { ticketsCommand } from "./cli/tickets.js";
+import { ticketsCommand, ticketsGenerateKey } from "./cli/tickets.js";
 import { TicketKeyError } from "./sidecar/tickets.js";
 
 const usage = `usage: tokenvault <command>
@@ -89,6 +89,11 @@ async function main(argv: string[]): Promise<number> {
     generateKeyCommand({ id: values.id, prepend: values.prepend });
     return 0;
   }
+  if (command === "tickets" && action === "generate-key") {
+    // Like `keys generate`: it makes the setting, so it must not need it.
+    ticketsGenerateKey(values.id);
+    return 0;
+  }
   if (command === "sidecar" || command === "tickets") {
     // The sidecar's own settings: it has no database and no encryption key.
     const sidecarConfig = loadSidecarConfig();
@@ -100,7 +105,6 @@ async function main(argv: string[]): Promise<number> {
         returnUrl: values["return-url"],
         ttl: positiveInt(values.ttl, "--ttl"),
         link: values.link,
-        id: values.id,
       });
     }
     return 0;

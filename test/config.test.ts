@@ -5,7 +5,7 @@
  */
 import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { ConfigError, loadConfig, type Config } from "../src/config.js";
+import { ConfigError, loadConfig, loadSidecarConfig, type Config, type SidecarConfig } from "../src/config.js";
 
 type Env = Record<string, string | undefined>;
 
@@ -353,5 +353,344 @@ describe("a DATABASE_URL password never appears in a ConfigError", () => {
       }
     }
     expect(checked).toBe(withPassword.length * otherErrors.length);
+  });
+});
+
+/**
+ * loadSidecarConfig(): the OAuth sidecar's settings (`tokenvault sidecar`,
+ * `tokenvault tickets`), as a pure function of an environment object.
+ */
+describe("loadSidecarConfig", () => {
+  /** The ConfigError loadSidecarConfig(env) throws; fails the test when it returns instead. */
+  function sidecarConfigError(env: Env): ConfigError {
+    let config: SidecarConfig | undefined;
+    try {
+      config = loadSidecarConfig(env);
+    } catch (err) {
+      expect(err).toBeInstanceOf(ConfigError);
+      expect((err as Error).message).not.toContain("\n");
+      return err as ConfigError;
+    }
+    throw new Error(`expected a ConfigError, loadSidecarConfig returned ${JSON.stringify(config)}`);
+  }
+
+  const callerSecret = "tvs_7_sidecarCallerSecretValue0123456789abcdefghijk";
+  const ticketKeys = "t1:Q0FGRUJBQkVDQUZFQkFCRUNBRkVCQUJFQ0FGRUJBQkU";
+  const sidecarProduction: Env = {
+    NODE_ENV: "production",
+    TOKENVAULT_SIDECAR_PUBLIC_URL: "https://connect.example.com",
+    TOKENVAULT_CALLER_SECRET: callerSecret,
+    TOKENVAULT_TICKET_KEYS: ticketKeys,
+  };
+
+  describe("defaults", () => {
+    it("loadSidecarConfig({}) listens on 127.0.0.1:8080, talks to the local vault, and uses development secrets in the data folder", () => {
+      const config = loadSidecarConfig({});
+      const dataDir = path.resolve(".tokenvault");
+      expect(config).toEqual({
+        production: false,
+        dataDir,
+        logLevel: "info",
+        host: "127.0.0.1",
+        port: 8080,
+        publicUrl: undefined,
+        secureCookies: false,
+        tls: undefined,
+        vaultUrl: "http://127.0.0.1:50051",
+        vaultCaFile: undefined,
+        callerSecret: { kind: "development", path: path.join(dataDir, "dev-sidecar-secret") },
+        ticketKeys: { kind: "development", path: path.join(dataDir, "dev-ticket-keys") },
+        returnUrls: [],
+        trustedProxies: 0,
+        providerTimeoutMs: 10_000,
+        vaultTimeoutMs: 10_000,
+        providersFile: undefined,
+        providerSettings: expect.any(Function),
+        shutdownGraceMs: 10_000,
+      });
+      expect(config.providerSettings("google")).toEqual({ clientId: undefined, clientSecret: undefined, params: {} });
+      expect(Object.isFrozen(config)).toBe(true);
+      expect(Object.isFrozen(config.callerSecret)).toBe(true);
+      expect(Object.isFrozen(config.ticketKeys)).toBe(true);
+      expect(Object.isFrozen(config.returnUrls)).toBe(true);
+    });
+
+    it("the development secret files follow TOKENVAULT_DATA_DIR (resolved to an absolute path)", () => {
+      const config = loadSidecarConfig({ TOKENVAULT_DATA_DIR: "some/relative/dir" });
+      const dataDir = path.resolve("some/relative/dir");
+      expect(config.dataDir).toBe(dataDir);
+      expect(config.callerSecret).toEqual({ kind: "development", path: path.join(dataDir, "dev-sidecar-secret") });
+      expect(config.ticketKeys).toEqual({ kind: "development", path: path.join(dataDir, "dev-ticket-keys") });
+    });
+
+    it("blank values count as unset", () => {
+      const config = loadSidecarConfig({
+        TOKENVAULT_SIDECAR_PORT: " ",
+        TOKENVAULT_SIDECAR_PUBLIC_URL: "",
+        TOKENVAULT_URL: "  ",
+        TOKENVAULT_CALLER_SECRET: "",
+        TOKENVAULT_CALLER_SECRET_FILE: " ",
+        TOKENVAULT_TICKET_KEYS: " ",
+        TOKENVAULT_SIDECAR_RETURN_URLS: " ",
+      });
+      expect(config.port).toBe(8080);
+      expect(config.publicUrl).toBeUndefined();
+      expect(config.vaultUrl).toBe("http://127.0.0.1:50051");
+      expect(config.callerSecret.kind).toBe("development");
+      expect(config.ticketKeys.kind).toBe("development");
+      expect(config.returnUrls).toEqual([]);
+    });
+
+    it("needs nothing of the vault's own settings (no DATABASE_URL, no TOKENVAULT_KEYS) and ignores them", () => {
+      const config = loadSidecarConfig({ ...sidecarProduction, DATABASE_URL: "not even a URL", TOKENVAULT_KEYS: "garbage", TOKENVAULT_PORT: "abc" });
+      expect(config.production).toBe(true);
+      expect(config).not.toHaveProperty("databaseUrl");
+      expect(config).not.toHaveProperty("keySource");
+    });
+  });
+
+  describe("valid settings", () => {
+    it("reads every setting", () => {
+      const config = loadSidecarConfig({
+        ...sidecarProduction,
+        TOKENVAULT_DATA_DIR: "/srv/tv",
+        TOKENVAULT_LOG_LEVEL: "warn",
+        TOKENVAULT_SIDECAR_HOST: "0.0.0.0",
+        TOKENVAULT_SIDECAR_PORT: "8443",
+        TOKENVAULT_SIDECAR_TLS_CERT_FILE: "tls/cert.pem",
+        TOKENVAULT_SIDECAR_TLS_KEY_FILE: "/etc/tv/key.pem",
+        TOKENVAULT_URL: "https://vault.internal:50051/",
+        TOKENVAULT_VAULT_CA_FILE: "ca/vault.pem",
+        TOKENVAULT_SIDECAR_RETURN_URLS: " https://app.example.com/settings , https://admin.example.com/,",
+        TOKENVAULT_SIDECAR_TRUSTED_PROXIES: "2",
+        TOKENVAULT_SIDECAR_PROVIDER_TIMEOUT_MS: "3000",
+        TOKENVAULT_SIDECAR_VAULT_TIMEOUT_MS: "4000",
+        TOKENVAULT_PROVIDERS_FILE: "conf/providers.json",
+        TOKENVAULT_PROVIDER_GOOGLE_CLIENT_ID: "google-client",
+        TOKENVAULT_SHUTDOWN_GRACE_MS: "500",
+      });
+      expect(config).toEqual({
+        production: true,
+        dataDir: "/srv/tv",
+        logLevel: "warn",
+        host: "0.0.0.0",
+        port: 8443,
+        publicUrl: new URL("https://connect.example.com"),
+        secureCookies: true,
+        tls: { certFile: path.resolve("tls/cert.pem"), keyFile: "/etc/tv/key.pem" },
+        // The trailing slash goes: the vault client appends paths to it.
+        vaultUrl: "https://vault.internal:50051",
+        vaultCaFile: path.resolve("ca/vault.pem"),
+        callerSecret: { kind: "env", value: callerSecret },
+        ticketKeys: { kind: "env", value: ticketKeys },
+        returnUrls: ["https://app.example.com/settings", "https://admin.example.com/"],
+        trustedProxies: 2,
+        providerTimeoutMs: 3000,
+        vaultTimeoutMs: 4000,
+        providersFile: path.resolve("conf/providers.json"),
+        providerSettings: expect.any(Function),
+        shutdownGraceMs: 500,
+      });
+      expect(config.providerSettings("google").clientId).toBe("google-client");
+    });
+
+    it("secrets given as files are resolved paths, and they satisfy production", () => {
+      const config = loadSidecarConfig({
+        ...sidecarProduction,
+        TOKENVAULT_CALLER_SECRET: undefined,
+        TOKENVAULT_CALLER_SECRET_FILE: "secrets/caller",
+        TOKENVAULT_TICKET_KEYS: undefined,
+        TOKENVAULT_TICKET_KEYS_FILE: "/run/secrets/ticket-keys",
+      });
+      expect(config.callerSecret).toEqual({ kind: "file", path: path.resolve("secrets/caller") });
+      expect(config.ticketKeys).toEqual({ kind: "file", path: "/run/secrets/ticket-keys" });
+    });
+
+    it("TOKENVAULT_SIDECAR_PORT takes 0 (a free port) to 65535", () => {
+      expect(loadSidecarConfig({ TOKENVAULT_SIDECAR_PORT: "0" }).port).toBe(0);
+      expect(loadSidecarConfig({ TOKENVAULT_SIDECAR_PORT: "65535" }).port).toBe(65535);
+    });
+  });
+
+  describe("the public URL", () => {
+    it.each(["https://connect.example.com", "https://connect.example.com/", "https://connect.example.com:8443", "https://10.0.0.5"])(
+      "%s: https anywhere, with Secure cookies",
+      (url) => {
+        const config = loadSidecarConfig({ TOKENVAULT_SIDECAR_PUBLIC_URL: url });
+        expect(config.publicUrl?.origin).toBe(new URL(url).origin);
+        expect(config.secureCookies).toBe(true);
+      },
+    );
+
+    it.each(["http://localhost:8080", "http://127.0.0.1:8080", "http://localhost", "http://[::1]:8080", "http://LOCALHOST:3001"])(
+      "%s: plain http on a loopback name is allowed for development, without Secure cookies",
+      (url) => {
+        const config = loadSidecarConfig({ TOKENVAULT_SIDECAR_PUBLIC_URL: url });
+        expect(config.publicUrl?.href).toBe(new URL(url).href);
+        expect(config.secureCookies).toBe(false);
+      },
+    );
+
+    // The config's own doc comment and the README: cookies are Secure "always,
+    // unless the public URL is plain http on a loopback name". https on
+    // localhost is not plain http; a browser keeps Secure cookies there.
+    it.each(["https://localhost:8443", "https://127.0.0.1:8443"])("%s: https on a loopback name still has Secure cookies", (url) => {
+      expect(loadSidecarConfig({ TOKENVAULT_SIDECAR_PUBLIC_URL: url }).secureCookies).toBe(true);
+    });
+
+    it.each([
+      "http://connect.example.com",
+      "http://10.0.0.5:8080",
+      "http://0.0.0.0:8080",
+      "http://localhost.example.com",
+      "http://127.0.0.1.nip.io",
+      "ftp://localhost",
+    ])("%s is refused: https except on localhost", (url) => {
+      const err = sidecarConfigError({ TOKENVAULT_SIDECAR_PUBLIC_URL: url });
+      expect(err.message).toContain("TOKENVAULT_SIDECAR_PUBLIC_URL");
+      expect(err.message).toContain("https");
+    });
+
+    it("plain http elsewhere is refused in production too", () => {
+      expect(sidecarConfigError({ ...sidecarProduction, TOKENVAULT_SIDECAR_PUBLIC_URL: "http://connect.example.com" }).message).toContain(
+        "TOKENVAULT_SIDECAR_PUBLIC_URL",
+      );
+    });
+
+    it.each([
+      "https://connect.example.com/oauth",
+      "https://connect.example.com/oauth/",
+      "https://connect.example.com/?x=1",
+      "https://connect.example.com/#top",
+      "https://user@connect.example.com",
+      "https://:password@connect.example.com",
+      "http://localhost:8080/sidecar",
+    ])("%s is refused: an origin only", (url) => {
+      const err = sidecarConfigError({ TOKENVAULT_SIDECAR_PUBLIC_URL: url });
+      expect(err.message).toContain("TOKENVAULT_SIDECAR_PUBLIC_URL");
+      expect(err.message).toMatch(/origin only/);
+    });
+
+    it.each(["connect.example.com", "just words", "https://"])("%s is refused: not a URL", (url) => {
+      const err = sidecarConfigError({ TOKENVAULT_SIDECAR_PUBLIC_URL: url });
+      expect(err.message).toContain("TOKENVAULT_SIDECAR_PUBLIC_URL");
+      expect(err.message).toMatch(/not a URL/);
+    });
+  });
+
+  describe("production", () => {
+    it("with a public URL, a caller secret and ticket keys is a valid production configuration", () => {
+      const config = loadSidecarConfig(sidecarProduction);
+      expect(config.production).toBe(true);
+      expect(config.secureCookies).toBe(true);
+      expect(config.callerSecret.kind).toBe("env");
+      expect(config.ticketKeys.kind).toBe("env");
+    });
+
+    it("without anything set, the first refusal names TOKENVAULT_SIDECAR_PUBLIC_URL", () => {
+      const err = sidecarConfigError({ NODE_ENV: "production" });
+      expect(err.message).toContain("TOKENVAULT_SIDECAR_PUBLIC_URL");
+      expect(err.message).toContain("NODE_ENV=production");
+    });
+
+    it("without TOKENVAULT_SIDECAR_PUBLIC_URL is a ConfigError naming it", () => {
+      const err = sidecarConfigError({ ...sidecarProduction, TOKENVAULT_SIDECAR_PUBLIC_URL: undefined });
+      expect(err.message).toContain("TOKENVAULT_SIDECAR_PUBLIC_URL");
+      expect(err.message).toContain("NODE_ENV=production");
+    });
+
+    it("without a caller secret is a ConfigError naming TOKENVAULT_CALLER_SECRET and _FILE (no development file)", () => {
+      const err = sidecarConfigError({ ...sidecarProduction, TOKENVAULT_CALLER_SECRET: undefined });
+      expect(err.message).toContain("TOKENVAULT_CALLER_SECRET or TOKENVAULT_CALLER_SECRET_FILE");
+      expect(err.message).toContain("NODE_ENV=production");
+      expect(err.message).not.toContain("dev-sidecar-secret");
+    });
+
+    it("without ticket keys is a ConfigError naming TOKENVAULT_TICKET_KEYS and _FILE (no development file)", () => {
+      const err = sidecarConfigError({ ...sidecarProduction, TOKENVAULT_TICKET_KEYS: undefined });
+      expect(err.message).toContain("TOKENVAULT_TICKET_KEYS or TOKENVAULT_TICKET_KEYS_FILE");
+      expect(err.message).toContain("NODE_ENV=production");
+      expect(err.message).not.toContain("dev-ticket-keys");
+      // The caller secret is not repeated in the message about another setting.
+      expect(err.message).not.toContain(callerSecret);
+    });
+
+    it("only NODE_ENV=production is production", () => {
+      expect(loadSidecarConfig({ NODE_ENV: "prod" }).production).toBe(false);
+      expect(loadSidecarConfig({ NODE_ENV: "development" }).callerSecret.kind).toBe("development");
+    });
+  });
+
+  describe("invalid values are a ConfigError naming the variable", () => {
+    it("TOKENVAULT_CALLER_SECRET and TOKENVAULT_CALLER_SECRET_FILE together are refused, without echoing the secret", () => {
+      const err = sidecarConfigError({ TOKENVAULT_CALLER_SECRET: callerSecret, TOKENVAULT_CALLER_SECRET_FILE: "/run/secrets/caller" });
+      expect(err.message).toContain("TOKENVAULT_CALLER_SECRET");
+      expect(err.message).toContain("TOKENVAULT_CALLER_SECRET_FILE");
+      expect(err.message).toMatch(/not both/);
+      expect(err.message).not.toContain(callerSecret);
+      // In production as well.
+      expect(sidecarConfigError({ ...sidecarProduction, TOKENVAULT_CALLER_SECRET_FILE: "/run/secrets/caller" }).message).toMatch(/not both/);
+    });
+
+    it("TOKENVAULT_TICKET_KEYS and TOKENVAULT_TICKET_KEYS_FILE together are refused, without echoing the keys", () => {
+      const err = sidecarConfigError({ TOKENVAULT_TICKET_KEYS: ticketKeys, TOKENVAULT_TICKET_KEYS_FILE: "keys.txt" });
+      expect(err.message).toContain("TOKENVAULT_TICKET_KEYS_FILE");
+      expect(err.message).toMatch(/not both/);
+      expect(err.message).not.toContain(ticketKeys.split(":")[1]!);
+    });
+
+    it.each([
+      "127.0.0.1:50051",
+      "vault.internal:50051",
+      "grpc://vault.internal:50051",
+      "dns:///vault.internal:50051",
+      "http://vault.internal:50051/tokenvault",
+      "http://vault.internal:50051/?tls=1",
+      "http://vault.internal:50051?tls=1",
+      "http://user:password@vault.internal:50051",
+      "http://vault internal:50051",
+      "http://vault.internal:99999",
+      "https://",
+      "just some words",
+    ])("TOKENVAULT_URL=%s is refused", (url) => {
+      const err = sidecarConfigError({ TOKENVAULT_URL: url });
+      expect(err.message).toContain("TOKENVAULT_URL");
+      expect(err.message).toMatch(/http:\/\/host:port/);
+    });
+
+    it.each(["http://vault.internal:50051", "https://vault.internal", "http://[::1]:50051"])("TOKENVAULT_URL=%s is accepted as is", (url) => {
+      expect(loadSidecarConfig({ TOKENVAULT_URL: url }).vaultUrl).toBe(url);
+    });
+
+    it.each([
+      ["0", 0],
+      ["1", 1],
+      ["10", 10],
+    ])("TOKENVAULT_SIDECAR_TRUSTED_PROXIES=%s is %i", (raw, expected) => {
+      expect(loadSidecarConfig({ TOKENVAULT_SIDECAR_TRUSTED_PROXIES: raw }).trustedProxies).toBe(expected);
+    });
+
+    it.each(["11", "-1", "one", "1.5", "1e1"])("TOKENVAULT_SIDECAR_TRUSTED_PROXIES=%s is refused with its range", (raw) => {
+      const err = sidecarConfigError({ TOKENVAULT_SIDECAR_TRUSTED_PROXIES: raw });
+      expect(err.message).toContain("TOKENVAULT_SIDECAR_TRUSTED_PROXIES");
+      expect(err.message).toContain("0 to 10");
+      expect(err.message).toContain(`"${raw}"`);
+    });
+
+    const cases: [string, Env, string[]][] = [
+      ["port abc", { TOKENVAULT_SIDECAR_PORT: "abc" }, ["TOKENVAULT_SIDECAR_PORT"]],
+      ["port 65536", { TOKENVAULT_SIDECAR_PORT: "65536" }, ["TOKENVAULT_SIDECAR_PORT", "0 to 65535"]],
+      ["only the TLS cert", { TOKENVAULT_SIDECAR_TLS_CERT_FILE: "c.pem" }, ["TOKENVAULT_SIDECAR_TLS_CERT_FILE", "TOKENVAULT_SIDECAR_TLS_KEY_FILE"]],
+      ["only the TLS key", { TOKENVAULT_SIDECAR_TLS_KEY_FILE: "k.pem" }, ["TOKENVAULT_SIDECAR_TLS_CERT_FILE", "TOKENVAULT_SIDECAR_TLS_KEY_FILE"]],
+      ["bad log level", { TOKENVAULT_LOG_LEVEL: "verbose" }, ["TOKENVAULT_LOG_LEVEL"]],
+      ["provider timeout below 100 ms", { TOKENVAULT_SIDECAR_PROVIDER_TIMEOUT_MS: "99" }, ["TOKENVAULT_SIDECAR_PROVIDER_TIMEOUT_MS"]],
+      ["vault timeout above 2 minutes", { TOKENVAULT_SIDECAR_VAULT_TIMEOUT_MS: "120001" }, ["TOKENVAULT_SIDECAR_VAULT_TIMEOUT_MS"]],
+      ["grace in words", { TOKENVAULT_SHUTDOWN_GRACE_MS: "soon" }, ["TOKENVAULT_SHUTDOWN_GRACE_MS"]],
+    ];
+
+    it.each(cases)("%s", (_name, env, names) => {
+      const err = sidecarConfigError(env);
+      for (const name of names) expect(err.message).toContain(name);
+    });
   });
 });

@@ -13,7 +13,8 @@
  * without a gap). The same keys, through HKDF, seal the sidecar's state cookie.
  */
 import { hkdfSync, randomBytes } from "node:crypto";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import path from "node:path";
 import { SignJWT, errors as joseErrors, jwtVerify, type JWTPayload } from "jose";
 import type { SecretSource } from "../config.js";
 
@@ -67,7 +68,13 @@ export function loadTicketKeys(source: SecretSource): TicketKeys {
       return parseTicketKeys(readKeyFile(source.path), source.path);
     case "development":
       if (!existsSync(source.path)) {
-        writeFileSync(source.path, `dev:${randomBytes(32).toString("base64url")}\n`, { mode: 0o600, flag: "wx" });
+        mkdirSync(path.dirname(source.path), { recursive: true, mode: 0o700 });
+        try {
+          writeFileSync(source.path, `dev:${randomBytes(32).toString("base64url")}\n`, { mode: 0o600, flag: "wx" });
+        } catch (err) {
+          // Another process made it first: use theirs.
+          if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+        }
       }
       return parseTicketKeys(readKeyFile(source.path), source.path);
   }
