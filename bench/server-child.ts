@@ -80,7 +80,7 @@ if (mode === "echo") {
   });
   const logger = createLogger(config.logLevel);
   const keyRing = new KeyRing(parseKeyList(process.env.BENCH_KEYS!));
-  const pgPool = createPool({ connectionString: url, max: config.dbPoolMax, logger });
+  const pgPool = createPool({ connectionString: url, max: config.dbPoolMax, logger, asynchronousCommit: true });
   await verifyKeyRing(pgPool, keyRing);
   const callers = await createCallerRegistry({ pool: pgPool, logger, listenUrl: url, reloadIntervalMs: config.callersReloadMs });
   const catalogue = loadCatalogue({ overrideFile: config.providersFile, settings: config.providerSettings });

@@ -5,7 +5,9 @@
  * row inserted in its own transaction with the same durability as the audit
  * writer's (synchronous_commit on), into bench_w_audit, a copy of
  * audit_events (same columns, constraints and indexes) with an identity id
- * (so no chain lock).
+ * (so no chain lock). Both statements commit synchronously: stricter than
+ * the vault, whose pool commits the last-used mark asynchronously and relies on
+ * the audit commit's flush (see src/db/pool.ts).
  */
 import type pg from "pg";
 import { selectConnectionForUse } from "../../src/db/queries/connections.js";

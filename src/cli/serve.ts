@@ -41,7 +41,7 @@ export async function serve(config: Config, logger: Logger): Promise<void> {
   // A broken catalogue stops the start before anything is opened.
   const catalogue = loadCatalogue({ overrideFile: config.providersFile, settings: config.providerSettings });
   const database = await openDatabase(config, logger);
-  const pool = createPool({ connectionString: database.url, max: config.dbPoolMax, logger });
+  const pool = createPool({ connectionString: database.url, max: config.dbPoolMax, logger, asynchronousCommit: true });
   try {
     if (config.migrateOnStart) {
       const applied = await migrate(database.url, { direction: "up", logger });

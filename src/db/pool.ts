@@ -15,6 +15,15 @@ export interface PoolOptions {
   max: number;
   logger: Logger;
   applicationName?: string;
+  /**
+   * Commit without waiting for the WAL flush (`synchronous_commit = off`),
+   * except in transactions that ask for it. For the vault's pool: every call's
+   * audit event commits synchronously after its statements and before its
+   * response, and that flush covers the WAL written before it, so the answer
+   * still leaves only once the change is durable; what is saved is a second
+   * flush per call (a Get's last-used mark, a Store's upsert).
+   */
+  asynchronousCommit?: boolean;
 }
 
 /** Creates the pool. Idle-client errors (a server restart) are logged, not thrown. */
@@ -27,6 +36,7 @@ export function createPool(options: PoolOptions): pg.Pool {
     idleTimeoutMillis: 30_000,
     // A hung statement must not pin a pool slot forever.
     statement_timeout: 15_000,
+    ...(options.asynchronousCommit === true ? { options: "-c synchronous_commit=off" } : {}),
   });
   pool.on("error", (err) => {
     options.logger.warn({ code: (err as { code?: string }).code }, "idle database connection failed");

@@ -28,7 +28,9 @@ export async function withTransaction<T>(
     const client = await pool.connect();
     let broken: Error | undefined;
     try {
-      await client.query("begin");
+      // Durable whatever the pool's default: a transaction (a refresh storing a
+      // rotated refresh token) must not be lost once the provider has moved on.
+      await client.query("begin; set local synchronous_commit = on");
       if (options.lockTimeoutMs !== undefined) {
         await client.query(`set local lock_timeout = ${Math.max(1, Math.trunc(options.lockTimeoutMs))}`);
       }
