@@ -108,7 +108,7 @@ async function main(): Promise<void> {
       const job = { baseUrl: s.baseUrl, secret: main.secret, method: "get", prefix: getPrefix, keyCount: main.rows, concurrency: settings.concurrency, connections: settings.connections, seed: 5 };
       if (name === "G_followers") {
         const head = (await queryRows<{ last_id: string }>(main.url, "select last_id from audit_head"))[0]!.last_id;
-        await followers!.call("attach", { baseUrl: s.baseUrl, secret: main.secret, count: settings.followers, afterCursor: head, sessionsCount: 10 });
+        await followers!.call("attach", { baseUrl: s.baseUrl, secret: main.secret, count: settings.followers, afterCursor: head, sessionsCount: 10, maxBatch: settings.followerBatch });
         await new Promise((r) => setTimeout(r, 300));
       }
       await load.call<LoadResult>("rpc", { ...job, seconds: 2, warmupSeconds: 0 });

@@ -140,7 +140,7 @@ async function main(): Promise<void> {
       async measure(seconds, settle, roundNo) {
         const target = G;
         const startHead = await auditHead();
-        await followers.call("attach", { baseUrl: target.baseUrl, secret: main.secret, count: settings.followers, afterCursor: startHead.toString(), sessionsCount: 10 });
+        await followers.call("attach", { baseUrl: target.baseUrl, secret: main.secret, count: settings.followers, afterCursor: startHead.toString(), sessionsCount: 10, maxBatch: settings.followerBatch });
         await new Promise((r) => setTimeout(r, 300));
         const job = { baseUrl: target.baseUrl, secret: main.secret, method: "get", prefix: getPrefix, keyCount: main.rows, concurrency: settings.concurrency, connections: settings.connections, seed: roundNo + 1 };
         if (settle > 0) await load.call<LoadResult>("rpc", { ...job, seconds: settle, warmupSeconds: 0 });

@@ -46,6 +46,8 @@ export function loadSettings() {
     storeKeys: knob("BENCH_STORE_KEYS", 20_000),
     /** StreamAudit followers of the followers variant. */
     followers: knob("BENCH_FOLLOWERS", 100),
+    /** Their StreamAudit max_batch (events per message; 0 or 1: one event per message). */
+    followerBatch: knob("BENCH_FOLLOWER_BATCH", 256),
     /** Open-loop seconds at half of G's peak. */
     halfSeconds: knob("BENCH_HALF_SECONDS", quick ? 5 : 20),
     /** Pool size of the vault (TOKENVAULT_DB_POOL_MAX, default 10) and of W. */

@@ -103,6 +103,8 @@ async function tail(config: Config, options: AuditOptions): Promise<number> {
       {
         afterCursor: last,
         follow: options.follow === true,
+        // Events that are ready together come in one message.
+        maxBatch: 256,
         filter: {
           userId: options.user ?? "",
           integration: options.integration ?? "",
@@ -114,10 +116,11 @@ async function tail(config: Config, options: AuditOptions): Promise<number> {
       },
       { signal: abort.signal },
     );
-    for await (const { event } of stream) {
-      if (event === undefined) continue;
-      last = event.cursor;
-      process.stdout.write(JSON.stringify(eventJson(event)) + "\n");
+    for await (const { events } of stream) {
+      for (const event of events) {
+        last = event.cursor;
+        process.stdout.write(JSON.stringify(eventJson(event)) + "\n");
+      }
     }
     return 0;
   } catch (err) {

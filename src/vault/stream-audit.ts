@@ -69,8 +69,11 @@ export async function* streamAudit(
     }
   };
   let query: AuditQuery;
+  let batchSize: number;
   try {
     query = validateFilter(req);
+    if (req.maxBatch > maxBatchLimit) throw invalidField("max_batch", `must be at most ${maxBatchLimit}`);
+    batchSize = Math.max(1, req.maxBatch);
   } catch (err) {
     const error = ConnectError.from(err);
     await record(outcomeName(Code[error.code]), {}, { error: detailText(error.rawMessage) });
@@ -127,10 +130,11 @@ export async function* streamAudit(
         events = await selectAuditEvents(deps.pool, cursor, upTo, query, pageSize);
         scannedTo = events.length === pageSize ? events[events.length - 1]!.id : upTo;
       }
-      for (const event of events) {
-        if (!visible(event)) continue;
-        yield binary ? preEncodedResponse(event) : create(StreamAuditResponseSchema, { event: toMessage(event) });
-        cursor = event.id;
+      const shown = events.filter(visible);
+      for (let i = 0; i < shown.length; i += batchSize) {
+        const batch = shown.slice(i, i + batchSize);
+        yield response(batch, batchSize > 1, binary);
+        cursor = batch[batch.length - 1]!.id;
         if (ctx.signal.aborted) return;
       }
       cursor = scannedTo;
@@ -198,20 +202,34 @@ function maySee(caller: Caller, e: AuditEvent): boolean {
  */
 const encodedEvents = new WeakMap<AuditEvent, Uint8Array>();
 
+/** The most events a client may ask for in one response. */
+const maxBatchLimit = 1000;
+
 /**
- * A StreamAuditResponse whose `event` field (1) is the event's shared encoding,
- * carried as a raw length-delimited field that binary serialisation copies
- * as it is. Only for binary codecs: JSON serialisation drops raw fields.
+ * The response carrying `events`: in `event` (one) or `events` (a batch).
+ * For binary codecs the events go as their shared encodings, raw
+ * length-delimited fields that serialisation copies as they are (field 1 or
+ * 2); JSON serialisation drops raw fields, so JSON streams get messages.
  */
-function preEncodedResponse(e: AuditEvent): StreamAuditResponse {
+function response(events: AuditEvent[], batched: boolean, binary: boolean): StreamAuditResponse {
+  if (!binary) {
+    return batched
+      ? create(StreamAuditResponseSchema, { events: events.map(toMessage) })
+      : create(StreamAuditResponseSchema, { event: toMessage(events[0]!) });
+  }
+  const message = create(StreamAuditResponseSchema);
+  message.$unknown = events.map((e) => ({ no: batched ? 2 : 1, wireType: WireType.LengthDelimited, data: encoded(e) }));
+  return message;
+}
+
+/** The event's AuditEvent encoding with its length prefix, made once per event object. */
+function encoded(e: AuditEvent): Uint8Array {
   let field = encodedEvents.get(e);
   if (field === undefined) {
     field = new BinaryWriter().bytes(toBinary(AuditEventSchema, toMessage(e))).finish();
     encodedEvents.set(e, field);
   }
-  const response = create(StreamAuditResponseSchema);
-  response.$unknown = [{ no: 1, wireType: WireType.LengthDelimited, data: field }];
-  return response;
+  return field;
 }
 
 function toMessage(e: AuditEvent) {

@@ -302,6 +302,60 @@ describe("replay", () => {
     }
   });
 
+  describe("max_batch packs the events that are ready together into one message", () => {
+    /** The responses of a replay that must end by itself. */
+    async function responses(client: VaultClient, req: StreamRequest) {
+      const got = [];
+      for await (const res of client.streamAudit(req, { signal: AbortSignal.timeout(20_000) })) got.push(res);
+      return got;
+    }
+
+    it.each(["grpcClient", "connectClient", "grpcWebClient"] as const)("over %s: the same events, 1..max_batch per message, in `events`", async (transport) => {
+      const messages = await responses(vault[transport], { ...streamRequest({}), maxBatch: 7 });
+      const table = await rows();
+      for (const m of messages) {
+        expect(m.event).toBeUndefined();
+        expect(m.events.length).toBeGreaterThanOrEqual(1);
+        expect(m.events.length).toBeLessThanOrEqual(7);
+      }
+      // Batched: far fewer messages than events.
+      expect(messages.length).toBeLessThan(table.length / 2);
+      const events = messages.flatMap((m) => m.events);
+      expectSameEvents(events, table);
+      events.forEach((e) => expect(eventHash(Buffer.from(e.prevHash), e.cursor, inputOf(e)).equals(Buffer.from(e.hash))).toBe(true));
+    });
+
+    it("max_batch 1 is one event per message in `event`, as without it", async () => {
+      const messages = await responses(vault.grpcClient, { ...streamRequest({}), maxBatch: 1 });
+      expect(messages.every((m) => m.event !== undefined && m.events.length === 0)).toBe(true);
+      expectSameEvents(messages.map((m) => m.event!), await rows());
+    });
+
+    it("a filter applies inside batches, and following delivers each commit batched", async () => {
+      const head = await headId();
+      const ac = new AbortController();
+      const got: AuditEvent[] = [];
+      const following = (async () => {
+        try {
+          for await (const res of vault.grpcClient.streamAudit({ ...streamRequest({ actions: ["store"] }, head, true), maxBatch: 50 }, { signal: ac.signal })) got.push(...res.events);
+        } catch (err) {
+          if (!ac.signal.aborted) throw err;
+        }
+      })();
+      await Promise.all(Array.from({ length: 12 }, (_, i) => store(vault.grpcClient, `batched-${i}`, "gmail")));
+      await waitFor(() => got.length === 12, 10_000, "12 store events");
+      ac.abort();
+      await following;
+      expectSameEvents(got, await rows({ actions: ["store"] }, head));
+    });
+
+    it("max_batch above 1000 is INVALID_ARGUMENT", async () => {
+      const err = await streamFailure(vault.grpcClient, { ...streamRequest({}), maxBatch: 1001 });
+      expect(err.code).toBe(Code.InvalidArgument);
+      expect(err.rawMessage).toContain("max_batch");
+    });
+  });
+
   it("after_cursor beyond the end returns nothing and ends", async () => {
     const head = await headId();
     expect(await replay(vault.grpcClient, streamRequest({}, head + 1_000n))).toEqual([]);
@@ -529,6 +583,23 @@ describe("a plain @grpc/grpc-js client", () => {
       expect(Buffer.isBuffer(e.hash) && (e.hash as Buffer).equals(r.hash)).toBe(true);
       expect(Buffer.isBuffer(e.prev_hash) && (e.prev_hash as Buffer).equals(r.prev_hash)).toBe(true);
     });
+  });
+
+  it("batches: max_batch gives `events` lists that decode like any field (the server sends them pre-encoded)", async () => {
+    const md = new grpc.Metadata();
+    md.set("authorization", `Bearer ${vault.secret}`);
+    const call = client.raw["StreamAudit"]!({ after_cursor: "0", follow: false, max_batch: 10 }, md) as grpc.ClientReadableStream<{ event: unknown; events: Record<string, unknown>[] }>;
+    const messages: { event: unknown; events: Record<string, unknown>[] }[] = [];
+    call.on("data", (m: { event: unknown; events: Record<string, unknown>[] }) => messages.push(m));
+    await new Promise<void>((resolve, reject) => {
+      call.on("end", resolve);
+      call.on("error", reject);
+    });
+    const table = await rows();
+    expect(messages.every((m) => m.event === null && m.events.length >= 1 && m.events.length <= 10)).toBe(true);
+    const events = messages.flatMap((m) => m.events);
+    expect(events.map((e) => e.cursor)).toEqual(table.map((r) => r.id.toString()));
+    events.forEach((e, i) => expect(Buffer.isBuffer(e.hash) && (e.hash as Buffer).equals(table[i]!.hash)).toBe(true));
   });
 
   it("follows: a new event arrives, and cancel ends the call with CANCELLED", async () => {
