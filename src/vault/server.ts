@@ -82,6 +82,37 @@ export function buildServer(options: ServerOptions): VaultServer {
     },
   });
 
+  const served = serveHandler(handler, {
+    logger,
+    tls: options.tls,
+    beforeClose: () => {
+      health.shutdown();
+      // Audit followers end with a status that carries their resume cursor.
+      options.deps.audit.feed.endStreams();
+    },
+  });
+  return { health, listen: served.listen, close: served.close };
+}
+
+/** What {@link serveHandler} needs besides the handler. */
+export interface ServeOptions {
+  readonly logger: Logger;
+  readonly tls?: ServerOptions["tls"];
+  /** Runs first when close() is called (mark health, end streams). */
+  readonly beforeClose?: () => void;
+}
+
+/** A request handler on the vault's one port, with graceful close. */
+export type ServedHandler = Pick<VaultServer, "listen" | "close">;
+
+/**
+ * Serves a Connect request handler the way the vault is served: one port for
+ * HTTP/2 and HTTP/1.1 (ALPN over TLS, the preface in cleartext), with
+ * graceful shutdown. Exported for the benchmark's bare echo server, so its
+ * baseline has exactly this setup.
+ */
+export function serveHandler(handler: ReturnType<typeof connectNodeAdapter>, options: ServeOptions): ServedHandler {
+  const { logger } = options;
   const sessions = new Set<http2.ServerHttp2Session>();
   const sockets = new Set<Duplex>();
   /** HTTP/1.1 requests in flight per socket, so shutdown closes only idle ones. */
@@ -179,7 +210,6 @@ export function buildServer(options: ServerOptions): VaultServer {
   }
 
   return {
-    health,
     listen(port, host) {
       return new Promise((resolve, reject) => {
         listener.once("error", reject);
@@ -192,9 +222,7 @@ export function buildServer(options: ServerOptions): VaultServer {
     async close(graceMs) {
       if (closing) return;
       closing = true;
-      health.shutdown();
-      // Audit followers end with a status that carries their resume cursor.
-      options.deps.audit.feed.endStreams();
+      options.beforeClose?.();
       const stopped = new Promise<void>((resolve) => listener.close(() => resolve()));
       for (const session of sessions) session.close();
       const deadline = Date.now() + graceMs;
