@@ -282,6 +282,7 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
   const ticketKeys = valueOrFile(env, "TOKENVAULT_TICKET_KEYS", production ? undefined : path.join(dataDir, "dev-ticket-keys"), "make one with `tokenvault tickets generate-key`");
 
   const providersFile = nonEmpty(env, "TOKENVAULT_PROVIDERS_FILE");
+  const vaultCaFile = nonEmpty(env, "TOKENVAULT_VAULT_CA_FILE");
   return Object.freeze({
     production,
     dataDir,
@@ -292,7 +293,7 @@ export function loadSidecarConfig(env: Env = process.env): SidecarConfig {
     secureCookies: publicUrl !== undefined && !(publicUrl.protocol === "http:" && loopback),
     tls: certFile !== undefined && keyFile !== undefined ? Object.freeze({ certFile: path.resolve(certFile), keyFile: path.resolve(keyFile) }) : undefined,
     vaultUrl: vaultUrl.replace(/\/$/, ""),
-    vaultCaFile: nonEmpty(env, "TOKENVAULT_VAULT_CA_FILE") === undefined ? undefined : path.resolve(nonEmpty(env, "TOKENVAULT_VAULT_CA_FILE")!),
+    vaultCaFile: vaultCaFile === undefined ? undefined : path.resolve(vaultCaFile),
     callerSecret: Object.freeze(callerSecret),
     ticketKeys: Object.freeze(ticketKeys),
     returnUrls: Object.freeze((nonEmpty(env, "TOKENVAULT_SIDECAR_RETURN_URLS") ?? "").split(",").map((u) => u.trim()).filter(Boolean)),

@@ -113,7 +113,7 @@ export function createSidecar(options: SidecarOptions): Sidecar {
       if ((section === "connect" || section === "callback") && name !== undefined && name !== "" && rest.length === 0) {
         const integration = lookUp(decodeSegment(name));
         note.integration = integration.name;
-        if (section === "connect") await connect(req, res, url, integration, note);
+        if (section === "connect") await connect(res, url, integration, note);
         else await callback(req, res, url, integration, note);
         return;
       }
@@ -139,7 +139,7 @@ export function createSidecar(options: SidecarOptions): Sidecar {
   }
 
   /** GET /connect/:integration?ticket=... */
-  async function connect(_req: http.IncomingMessage, res: http.ServerResponse, url: URL, integration: ResolvedIntegration, note: Outcome): Promise<void> {
+  async function connect(res: http.ServerResponse, url: URL, integration: ResolvedIntegration, note: Outcome): Promise<void> {
     const raw = url.searchParams.get("ticket");
     if (raw === null || raw === "") throw new Refusal(400, "Invalid connect link", "The link has no ticket. Start again from the application.", "missing_ticket");
     let ticket;

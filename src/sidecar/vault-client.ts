@@ -3,12 +3,11 @@
  * own caller credential (a caller allowed only Store).
  */
 import { readFileSync } from "node:fs";
-import { create } from "@bufbuild/protobuf";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { Health, HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb.js";
 import { StoreRequestSchema, TokenVaultService, type StoreRequest } from "../gen/tokenvault/v1/tokenvault_pb.js";
-import type { MessageInitShape } from "@bufbuild/protobuf";
 
 /** Where and how the sidecar reaches the vault. */
 export interface VaultClientOptions {

@@ -40,6 +40,7 @@ import { addCaller } from "../../src/auth/caller-admin.js";
 import { rpcNames } from "../../src/auth/policy.js";
 import { resumeAfterHeader } from "../../src/vault/stream-audit.js";
 import { createTestDatabase, type TestDatabase } from "../helpers/db.js";
+import { prng } from "../helpers/random.js";
 import { secretToken } from "../helpers/secrets.js";
 import { bearer, grpcJsClient, startVault, type GrpcJsVault, type TestVault } from "../helpers/server.js";
 import { cleanupCli, cliEnv, newKey, startServe, tempDir, type ServeProcess } from "../cli/helpers.js";
@@ -91,18 +92,6 @@ async function waitFor(condition: () => boolean | Promise<boolean>, timeoutMs: n
 /** first+1 .. last. */
 function range(first: bigint, last: bigint): bigint[] {
   return Array.from({ length: Math.max(0, Number(last - first)) }, (_, i) => first + 1n + BigInt(i));
-}
-
-/** Mulberry32: a small seeded PRNG, so a failing round can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** A running follower (follow: true) through a Connect client. */

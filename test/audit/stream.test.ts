@@ -36,9 +36,11 @@ import {
   type AuditEvent,
   type StreamAuditRequestSchema,
 } from "../../src/gen/tokenvault/v1/tokenvault_pb.js";
+import type { AuditEventRow } from "../../src/db/queries/audit.js";
 import { eventHash, genesisHash, type AuditAction, type AuditEventInput, type DetailValue } from "../../src/audit/chain.js";
 import { revoke } from "../../src/auth/caller-admin.js";
 import { createTestDatabase, type TestDatabase } from "../helpers/db.js";
+import { prng } from "../helpers/random.js";
 import { secretToken, testKeyRing } from "../helpers/secrets.js";
 import { grpcJsClient, startVault, type GrpcJsVault, type TestVault } from "../helpers/server.js";
 
@@ -53,21 +55,8 @@ let gmailAuditorName: string;
 
 // ---------------------------------------------------------------- helpers
 
-/** An audit_events row. */
-interface Row {
-  id: bigint;
-  occurred_at: Date;
-  caller: string | null;
-  action: string;
-  user_id: string | null;
-  integration: string | null;
-  outcome: string;
-  request_id: string | null;
-  peer: string | null;
-  details: Record<string, DetailValue>;
-  prev_hash: Buffer;
-  hash: Buffer;
-}
+/** An audit_events row, its id as a bigint. */
+type Row = Omit<AuditEventRow, "id"> & { id: bigint };
 
 /** A filter as the test states it; each field also becomes SQL below, written independently of the product's query. */
 interface Filter {
@@ -197,18 +186,6 @@ function expectSameEvents(events: AuditEvent[], expected: Row[]): void {
     expect(Buffer.from(e.prevHash).equals(r.prev_hash), `prev_hash of ${e.cursor}`).toBe(true);
     expect(Buffer.from(e.hash).equals(r.hash), `hash of ${e.cursor}`).toBe(true);
   });
-}
-
-/** Mulberry32: a small seeded PRNG, so a failing run can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 async function store(client: VaultClient, userId: string, integration: string): Promise<void> {

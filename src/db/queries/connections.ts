@@ -51,19 +51,10 @@ const rowColumns = `id, user_id, integration, key_id, access_token_sealed, refre
   user_agent, created_at, updated_at, last_used_at, issued_at, refresh_token_expires_at, last_refreshed_at,
   refresh_failures, refresh_retry_at`;
 
-/** What Store writes. */
-export interface UpsertConnection {
+/** What Store writes: a token set as a refresh writes it, plus who and where from. */
+export interface UpsertConnection extends RefreshedColumns {
   userId: string;
   integration: string;
-  keyId: string;
-  accessTokenSealed: Buffer;
-  refreshTokenSealed: Buffer | null;
-  idTokenSealed: Buffer | null;
-  extrasSealed: Buffer | null;
-  tokenType: string;
-  scopes: string[];
-  expiresAt: Date | null;
-  refreshTokenExpiresAt: Date | null;
   ipAddress: string | null;
   userAgent: string | null;
 }
